@@ -1,0 +1,603 @@
+"""Hugging Face checkpoints in and out: local safetensors directories <-> sharded JAX states.
+
+Loading streams tensor by tensor straight into the target shardings: every safetensors file is memory-mapped,
+and `jax.make_array_from_callback` asks each addressable device only for its own slice, so a host reads (and a
+device holds) only its shards; no device ever sees the whole model. Exporting gathers one tensor at a time to
+the host and writes `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json` + `config.json`, a
+directory that `transformers.AutoModel*.from_pretrained` (and vLLM) loads.
+
+A model's `params.py` supplies only a `ParamMapping`: our NNX attribute names mirror HF module names, so the
+default rules do the rest —
+  `<module>.kernel`    <-> `<module>.weight`, HF `[out, in, *window]` <-> ours `[*window, in, out]`
+  `<module>.scale`     <-> `<module>.weight` (norms)
+  `<module>.embedding` <-> `<module>.weight` (embeddings)
+  anything else (bias, ...) keeps its name and layout —
+plus prefix renames, per-key special-case transforms, alternative checkpoint layouts and ignorable keys.
+
+Safetensors is parsed here (header JSON + little-endian raw data) rather than through `safetensors.numpy`,
+which cannot represent bfloat16; `ml_dtypes` (a JAX dependency) provides the numpy bfloat16/float8 types.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
+
+from balcap_jax.parallel.sharding import named_leaves, path_to_str
+
+_log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_DTYPE_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+class HFWeightsError(ValueError):
+    """A checkpoint does not fit the model: the message lists every offending key."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading safetensors
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and the absolute byte offset of its data."""
+
+    key: str
+    path: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parses one .safetensors file's header: ({key: TensorInfo}, __metadata__)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", {}) or {}
+    infos = {}
+    for key, entry in header.items():
+        if entry["dtype"] not in _DTYPES:
+            raise HFWeightsError(
+                f"{path.name}: tensor {key!r} has dtype {entry['dtype']}, which this loader does not read "
+                f"(supported: {sorted(_DTYPES)})"
+            )
+        begin, end = entry["data_offsets"]
+        info = TensorInfo(key, path, _DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin)
+        if info.nbytes != end - begin:
+            raise HFWeightsError(f"{path.name}: tensor {key!r} header is inconsistent (shape vs byte range)")
+        infos[key] = info
+    return infos, metadata
+
+
+class SafetensorsDirectory:
+    """All tensors of a local HF checkpoint directory (single file or sharded with an index), memory-mapped.
+
+    `read(key, index)` returns only the requested slice; untouched bytes are never read from disk.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"HF weights directory {str(self.directory)!r} does not exist")
+        index_path = self.directory / INDEX_FILE
+        if index_path.exists():
+            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (self.directory / SINGLE_FILE).exists():
+            files = [SINGLE_FILE]
+        else:
+            found = sorted(p.name for p in self.directory.glob("*.safetensors"))
+            if not found:
+                raise FileNotFoundError(
+                    f"{str(self.directory)!r} holds no {SINGLE_FILE}, no {INDEX_FILE} and no *.safetensors files; "
+                    "point it at a Hugging Face model directory saved with safe_serialization"
+                )
+            files = found
+        self.tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            path = self.directory / name
+            if not path.exists():
+                raise FileNotFoundError(f"{INDEX_FILE} in {str(self.directory)!r} names {name}, which is missing")
+            infos, _ = read_safetensors_header(path)
+            self.tensors.update(infos)
+        self._maps: dict[Path, np.memmap] = {}
+
+    def keys(self) -> list[str]:
+        return sorted(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def view(self, key: str) -> np.ndarray:
+        """A zero-copy read-only view of the whole tensor (memory-mapped; reading it pages data in)."""
+        info = self.tensors[key]
+        if info.path not in self._maps:
+            self._maps[info.path] = np.memmap(info.path, dtype=np.uint8, mode="r")
+        return np.ndarray(info.shape, dtype=info.dtype, buffer=self._maps[info.path], offset=info.offset)
+
+    def read(self, key: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """A copy of tensor `key`, or of its slice `index`."""
+        view = self.view(key)
+        return np.array(view if index is None else view[index])
+
+
+def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: the HF weights directory must hold the model's {CONFIG_FILE}"
+        )
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Name and layout mapping
+# --------------------------------------------------------------------------------------------------------------
+
+NumpyFn = Callable[[np.ndarray], np.ndarray]
+
+
+class Transform:
+    """How one tensor's HF layout becomes ours (`to_ours`) and back (`to_hf`).
+
+    Transforms that only permute axes (`axes_for` returns a tuple) let the loader read just each device's slice;
+    any other transform reads the whole tensor into host memory once and slices it there.
+    """
+
+    def axes_for(self, ndim: int) -> tuple[int, ...] | None:
+        return None
+
+    def to_ours(self, hf: np.ndarray) -> np.ndarray:
+        return hf.transpose(self.axes_for(hf.ndim))
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        return ours.transpose(np.argsort(self.axes_for(ours.ndim)))
+
+    def ours_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        axes = self.axes_for(len(hf_shape))
+        return None if axes is None else tuple(hf_shape[a] for a in axes)
+
+
+class Identity(Transform):
+    def axes_for(self, ndim: int) -> tuple[int, ...]:
+        return tuple(range(ndim))
+
+    def __repr__(self) -> str:
+        return "Identity()"
+
+
+class HFKernel(Transform):
+    """torch Linear/Conv `weight[out, in, *window]` <-> flax `kernel[*window, in, out]`."""
+
+    def axes_for(self, ndim: int) -> tuple[int, ...]:
+        if ndim < 2:
+            raise HFWeightsError(f"a kernel needs at least 2 dimensions, got {ndim}")
+        return (*range(2, ndim), 1, 0)
+
+    def __repr__(self) -> str:
+        return "HFKernel()"
+
+
+@dataclasses.dataclass(frozen=True)
+class Permute(Transform):
+    """ours = hf.transpose(axes)."""
+
+    axes: tuple[int, ...]
+
+    def axes_for(self, ndim: int) -> tuple[int, ...]:
+        if ndim != len(self.axes):
+            raise HFWeightsError(f"Permute{self.axes} applied to a tensor with {ndim} dimensions")
+        return self.axes
+
+
+@dataclasses.dataclass(frozen=True)
+class Custom(Transform):
+    """Any pair of numpy functions (reshapes, splits of fused weights, ...); must be exact inverses."""
+
+    to_ours_fn: NumpyFn
+    to_hf_fn: NumpyFn
+
+    def to_ours(self, hf: np.ndarray) -> np.ndarray:
+        return self.to_ours_fn(hf)
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        return self.to_hf_fn(ours)
+
+
+def as_transform(spec: Transform | tuple[NumpyFn, NumpyFn]) -> Transform:
+    """Accepts a Transform or the `(to_ours, to_hf)` pair models return from `hf_special_cases()`."""
+    if isinstance(spec, Transform):
+        return spec
+    to_ours, to_hf = spec
+    return Custom(to_ours, to_hf)
+
+
+# Leaf names of flax modules and the HF name/transform they correspond to.
+DEFAULT_LEAF_RULES: Mapping[str, tuple[str, Transform]] = {
+    "kernel": ("weight", HFKernel()),
+    "scale": ("weight", Identity()),
+    "embedding": ("weight", Identity()),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamMapping:
+    """Our dotted parameter names <-> HF checkpoint keys, and the tensor transform for each.
+
+    prefix_renames: (our prefix, HF prefix) pairs applied to our name after the leaf rename; first match wins.
+    special_cases: HF key suffix -> Transform or (to_ours, to_hf); the longest matching suffix wins and
+      overrides the default leaf transform (e.g. a Conv3d patch embedding stored as a flattened Linear).
+    checkpoint_aliases: (alternative HF prefix, canonical HF prefix) pairs: checkpoint keys are rewritten with
+      them when loading, so older/newer layouts of the same model load through one mapping.
+    ignore_unexpected: regexes (full match) for checkpoint keys to skip without error (buffers, unused heads).
+    leaf_rules: our leaf name -> (HF leaf name, Transform); defaults to DEFAULT_LEAF_RULES.
+    """
+
+    prefix_renames: Sequence[tuple[str, str]] = ()
+    special_cases: Mapping[str, Transform | tuple[NumpyFn, NumpyFn]] = dataclasses.field(default_factory=dict)
+    checkpoint_aliases: Sequence[tuple[str, str]] = ()
+    ignore_unexpected: Sequence[str] = ()
+    leaf_rules: Mapping[str, tuple[str, Transform]] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_LEAF_RULES)
+    )
+
+    def hf_key(self, our_name: str) -> str:
+        head, _, leaf = our_name.rpartition(".")
+        hf_leaf = self.leaf_rules[leaf][0] if leaf in self.leaf_rules else leaf
+        name = f"{head}.{hf_leaf}" if head else hf_leaf
+        for ours, hf in self.prefix_renames:
+            if name.startswith(ours):
+                return hf + name[len(ours) :]
+        return name
+
+    def transform(self, our_name: str, hf_key: str) -> Transform:
+        matches = [suffix for suffix in self.special_cases if hf_key.endswith(suffix)]
+        if matches:
+            return as_transform(self.special_cases[max(matches, key=len)])
+        leaf = our_name.rpartition(".")[2]
+        return self.leaf_rules[leaf][1] if leaf in self.leaf_rules else Identity()
+
+    def canonical_checkpoint_key(self, key: str) -> str:
+        for alias, canonical in self.checkpoint_aliases:
+            if key.startswith(alias):
+                return canonical + key[len(alias) :]
+        return key
+
+    def is_ignored(self, key: str) -> bool:
+        return any(re.fullmatch(pattern, key) for pattern in self.ignore_unexpected)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    name: str
+    checkpoint_key: str
+    transform: Transform
+    target: Any
+
+
+def _float_kind(dtype: np.dtype) -> bool:
+    return jax.dtypes.issubdtype(dtype, np.floating)
+
+
+def _plan(reader: SafetensorsDirectory, abstract: Any, mapping: ParamMapping) -> list[_Planned]:
+    """Matches every leaf of `abstract` to a checkpoint key; raises one HFWeightsError listing every problem."""
+    by_canonical: dict[str, str] = {}
+    for key in reader.keys():
+        canonical = mapping.canonical_checkpoint_key(key)
+        if canonical in by_canonical:
+            raise HFWeightsError(
+                f"checkpoint keys {by_canonical[canonical]!r} and {key!r} both map to {canonical!r} "
+                "(check ParamMapping.checkpoint_aliases)"
+            )
+        by_canonical[canonical] = key
+    planned, missing, problems = [], [], []
+    used: set[str] = set()
+    for name, target in named_leaves(abstract):
+        hf_key = mapping.hf_key(name)
+        if hf_key not in by_canonical:
+            missing.append(f"{hf_key!r} (for our parameter {name!r}, shape {tuple(target.shape)})")
+            continue
+        key = by_canonical[hf_key]
+        used.add(key)
+        info = reader.tensors[key]
+        transform = mapping.transform(name, hf_key)
+        if _float_kind(info.dtype) != _float_kind(np.dtype(target.dtype)):
+            problems.append(
+                f"{key!r}: checkpoint dtype {info.dtype} cannot load into {name!r} of dtype {np.dtype(target.dtype)}"
+                " (only floating <-> floating casts are done)"
+            )
+        expected = transform.ours_shape(info.shape)
+        if expected is not None and expected != tuple(target.shape):
+            problems.append(
+                f"{key!r}: checkpoint shape {info.shape} becomes {expected} under {transform!r}, but our "
+                f"parameter {name!r} has shape {tuple(target.shape)}; the config does not match the checkpoint"
+            )
+        planned.append(_Planned(name, key, transform, target))
+    unexpected = [k for k in reader.keys() if k not in used and not mapping.is_ignored(k)]
+    if missing or unexpected or problems:
+        lines = [f"HF checkpoint {str(reader.directory)!r} does not match the model:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing key(s): " + "; ".join(missing[:20]))
+        if unexpected:
+            lines.append(
+                f"  {len(unexpected)} unexpected key(s): {unexpected[:20]} "
+                "(add to ParamMapping.ignore_unexpected if the model should not use them)"
+            )
+        lines.extend(f"  {p}" for p in problems[:20])
+        raise HFWeightsError("\n".join(lines))
+    return planned
+
+
+def _target_sharding(target: Any, default: Sharding) -> Sharding:
+    sharding = getattr(target, "sharding", None)
+    return sharding if isinstance(sharding, Sharding) else default
+
+
+def _hf_layout_sharding(sharding: Sharding, axes: tuple[int, ...]) -> Sharding | None:
+    """The sharding of the HF-layout tensor whose `transpose(axes)` has `sharding`; None if not expressible.
+
+    ours dim i is HF dim axes[i], so HF dim axes[i] takes our dim i's mesh axes: the transpose is then local
+    to every device (no communication).
+    """
+    if isinstance(sharding, SingleDeviceSharding):
+        return sharding
+    if not isinstance(sharding, NamedSharding):
+        return None
+    ours = tuple(sharding.spec) + (None,) * (len(axes) - len(sharding.spec))
+    hf: list[Any] = [None] * len(axes)
+    for our_dim, hf_dim in enumerate(axes):
+        hf[hf_dim] = ours[our_dim]
+    return NamedSharding(sharding.mesh, P(*hf))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_transpose(axes: tuple[int, ...], dtype: np.dtype, out_sharding: Sharding) -> Callable[[jax.Array], jax.Array]:
+    # XLA transposes (and casts) an order of magnitude faster than numpy's strided copies, on CPU too.
+    return jax.jit(lambda x: x.transpose(axes).astype(dtype), out_shardings=out_sharding)
+
+
+def _load_one(reader: SafetensorsDirectory, plan: _Planned, default_sharding: Sharding) -> jax.Array:
+    shape, dtype = tuple(plan.target.shape), np.dtype(plan.target.dtype)
+    sharding = _target_sharding(plan.target, default_sharding)
+    hf_shape = reader.tensors[plan.checkpoint_key].shape
+    axes = plan.transform.axes_for(len(hf_shape))
+    if axes is not None:
+        view = reader.view(plan.checkpoint_key)
+        hf_sharding = _hf_layout_sharding(sharding, axes) if axes != tuple(range(len(axes))) else None
+        if hf_sharding is not None:
+            # each device reads its HF-layout slice (no host transpose), then transposes on device
+            raw = jax.make_array_from_callback(hf_shape, hf_sharding, lambda index: np.array(view[index]))
+            return _device_transpose(axes, dtype, sharding)(raw)
+
+        def read_shard(index: tuple[slice, ...]) -> np.ndarray:
+            hf_index: list[slice] = [slice(None)] * len(axes)
+            for our_dim, hf_dim in enumerate(axes):
+                hf_index[hf_dim] = index[our_dim]
+            return np.ascontiguousarray(view[tuple(hf_index)].transpose(axes), dtype=dtype)
+
+        return jax.make_array_from_callback(shape, sharding, read_shard)
+
+    whole = np.asarray(plan.transform.to_ours(reader.read(plan.checkpoint_key)))
+    if whole.shape != shape:
+        raise HFWeightsError(
+            f"{plan.checkpoint_key!r}: checkpoint shape {hf_shape} becomes "
+            f"{whole.shape} under its special-case transform, but our parameter {plan.name!r} has shape {shape}"
+        )
+    return jax.make_array_from_callback(
+        shape, sharding, lambda index: np.ascontiguousarray(whole[index], dtype=dtype)
+    )
+
+
+def load_hf_state(
+    directory: str | os.PathLike,
+    abstract_state: Any,
+    mapping: ParamMapping = ParamMapping(),
+    *,
+    default_sharding: Sharding | None = None,
+    max_workers: int = 4,
+) -> Any:
+    """Loads a local HF checkpoint into a pytree shaped like `abstract_state`.
+
+    abstract_state: pytree (e.g. `nnx.state(nnx.eval_shape(...))`) of leaves with `.shape` and `.dtype`; a
+      leaf's `.sharding` (see `parallel.abstract_with_shardings`) is where its array is created. Leaves
+      without one go to `default_sharding` (default: the first device).
+    Checkpoint floats are cast to each leaf's dtype (bf16 checkpoints into fp32 models and back).
+    Raises HFWeightsError listing missing/unexpected keys, shape and dtype mismatches before reading any data.
+    max_workers tensors are read concurrently (disk reads and numpy copies release the GIL); host memory
+    holds at most that many tensors' worth of slices at a time.
+    """
+    reader = SafetensorsDirectory(directory)
+    plans = {plan.name: plan for plan in _plan(reader, abstract_state, mapping)}
+    default = default_sharding or SingleDeviceSharding(jax.devices()[0])
+    loaded_bytes = sum(reader.tensors[p.checkpoint_key].nbytes for p in plans.values())
+    _log.info("loading %d tensors (%.1f MB) from %s", len(plans), loaded_bytes / 2**20, reader.directory)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+        futures = {name: pool.submit(_load_one, reader, plan, default) for name, plan in plans.items()}
+        return jax.tree_util.tree_map_with_path(lambda path, _: futures[path_to_str(path)].result(), abstract_state)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exporting
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _to_host(x: Any) -> np.ndarray:
+    """One whole tensor on the host; in multi-process runs every process must call this (it is collective)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}: use bytes (int) or a string like '500MB' or '5GB'")
+    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """Writes one .safetensors file atomically (temp file + rename), in key order, 8-byte aligned header."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for key, array in tensors.items():
+        if np.dtype(array.dtype) not in _DTYPE_NAMES:
+            raise HFWeightsError(f"tensor {key!r} has dtype {array.dtype}, which safetensors cannot store")
+        header[key] = {
+            "dtype": _DTYPE_NAMES[np.dtype(array.dtype)],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for array in tensors.values():
+            # safetensors is little-endian; "<" is a no-op on every host JAX supports.
+            f.write(np.ascontiguousarray(array, dtype=np.dtype(array.dtype).newbyteorder("<")).tobytes())
+    os.replace(tmp, path)
+
+
+def _shard_groups(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Greedy contiguous packing of tensors into files of at most `max_bytes` (a bigger tensor gets its own)."""
+    groups: list[list[str]] = [[]]
+    current = 0
+    for name, nbytes in sizes:
+        if groups[-1] and current + nbytes > max_bytes:
+            groups.append([])
+            current = 0
+        groups[-1].append(name)
+        current += nbytes
+    return groups
+
+
+def save_hf_state(
+    state: Any,
+    directory: str | os.PathLike,
+    mapping: ParamMapping = ParamMapping(),
+    *,
+    config: Mapping[str, Any] | None = None,
+    dtype: Any = None,
+    max_shard_size: int | str = "5GB",
+    extra_files: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Exports `state` (pytree of arrays, sharded or not) as a HF safetensors directory.
+
+    Each tensor is gathered to the host on its own, transformed to the HF layout and cast to `dtype` (default:
+    keep each array's dtype). Files are `model.safetensors` or `model-0000i-of-0000N.safetensors` +
+    `model.safetensors.index.json`, with `config` written as config.json and `extra_files` (name -> text,
+    e.g. generation_config.json) beside them. In multi-process runs every process must call this (tensors are
+    gathered collectively); only process 0 writes. Returns the weight files written.
+    """
+    directory = Path(directory)
+    leaves = named_leaves(state)
+    out_dtype = None if dtype is None else np.dtype(dtype)
+    hf_keys: dict[str, str] = {}
+    sizes = []
+    for name, leaf in leaves:
+        key = mapping.hf_key(name)
+        if key in hf_keys.values():
+            raise HFWeightsError(f"two parameters map to the HF key {key!r} (one is {name!r}); fix the ParamMapping")
+        hf_keys[name] = key
+        itemsize = (out_dtype or np.dtype(leaf.dtype)).itemsize
+        sizes.append((name, math.prod(leaf.shape) * itemsize))
+    groups = _shard_groups(sizes, _parse_size(max_shard_size))
+    writer = jax.process_index() == 0
+    if writer:
+        directory.mkdir(parents=True, exist_ok=True)
+    arrays = dict(leaves)
+    files, weight_map, total = [], {}, 0
+    for i, group in enumerate(groups):
+        filename = SINGLE_FILE if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in group:
+            ours = _to_host(arrays[name])
+            key = hf_keys[name]
+            hf = np.asarray(mapping.transform(name, key).to_hf(ours))
+            if hf.size != ours.size:
+                raise HFWeightsError(f"{key!r}: the to_hf transform changed the element count ({ours.shape} -> {hf.shape})")
+            tensors[key] = hf.astype(out_dtype) if out_dtype is not None else hf
+            weight_map[key] = filename
+            total += tensors[key].nbytes
+        if writer:
+            write_safetensors(directory / filename, tensors, {"format": "pt"})
+        files.append(directory / filename)
+    if writer:
+        if len(groups) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if config is not None:
+            (directory / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            (directory / name).write_text(text)
+    if jax.process_count() > 1:  # nobody reads the directory before process 0 has finished writing it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"balcap_jax.hf_io.save_hf_state:{directory}")
+    _log.info("exported %d tensors (%.1f MB) in %d file(s) to %s", len(leaves), total / 2**20, len(files), directory)
+    return files
+
+
+def expected_hf_keys(abstract_state: Any, mapping: ParamMapping = ParamMapping()) -> list[str]:
+    """The HF keys a state maps to, in pytree order (for a model's own mapping tests)."""
+    return [mapping.hf_key(name) for name, _ in named_leaves(abstract_state)]
+
+
+def iter_hf_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, numpy array) for every tensor of a checkpoint, one at a time (for inspection and tests)."""
+    reader = SafetensorsDirectory(directory)
+    for key in reader.keys():
+        yield key, reader.read(key)

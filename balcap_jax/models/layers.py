@@ -1,0 +1,192 @@
+"""Building blocks shared by the decoders and vision towers: RMSNorm, rotary embeddings, SwiGLU, attention.
+
+Conventions (all functions are pure and jit-friendly):
+  * activations are [B, T, D]; attention heads live on axis -2: q [B, T, H, Dh], k/v [B, S, H_kv, Dh].
+  * rotary `cos`/`sin` have the shape of the rotated tensor without its head axis: [..., T, Dh].
+  * masks are boolean, True = "may attend".
+  * numerically sensitive reductions (RMSNorm variance, softmax) run in fp32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
+
+
+def activation(name: str):
+    """The activation function HF configs call `name` (`hidden_act`)."""
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm: x / sqrt(mean(x^2) + eps) * scale, statistics in fp32.
+
+    The normalised activations are cast back to the input dtype *before* the scale multiply, as in HF
+    (`weight * hidden.to(input_dtype)`), so bf16 models round at the same place.
+    """
+
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        del rngs  # deterministic init; accepted so every module shares a constructor shape
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(x.dtype)
+        return self.scale[...] * normed
+
+
+class SwiGLU(nnx.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)) — the Qwen2/Llama MLP (and Qwen2.5-VL vision MLP with bias)."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        use_bias: bool = False,
+        act: str = "silu",
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = nnx.Linear(dim, hidden_dim, **linear)
+        self.up_proj = nnx.Linear(dim, hidden_dim, **linear)
+        self.down_proj = nnx.Linear(hidden_dim, dim, **linear)
+        self.act_name = act
+
+    def __call__(self, x: Array) -> Array:
+        act = activation(self.act_name)
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """Inverse frequencies theta^(-2i/Dh), i < Dh/2, in fp32 exactly as HF computes them. Returns [Dh/2]."""
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+
+
+def rotate_half(x: Array) -> Array:
+    """[x1, x2] -> [-x2, x1] over the last axis (the "half-split" rotary layout HF checkpoints use)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate x [..., T, H, Dh] by angles given as cos/sin [..., T, Dh] (broadcast over the head axis)."""
+    chex.assert_equal(cos.shape, sin.shape)
+    if cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"rotary tables have last dim {cos.shape[-1]}, but x has head_dim {x.shape[-1]}")
+    cos = cos[..., None, :].astype(x.dtype)
+    sin = sin[..., None, :].astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def _cos_sin_from_angles(angles: Array) -> tuple[Array, Array]:
+    """angles [..., Dh/2] -> cos, sin [..., Dh] in the half-split layout."""
+    full = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(full), jnp.sin(full)
+
+
+def rope_cos_sin(positions: Array, inv_freq: Array | np.ndarray) -> tuple[Array, Array]:
+    """1-D RoPE tables. positions int[B, T] (any leading shape) -> cos, sin fp32 [B, T, Dh]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return _cos_sin_from_angles(angles)
+
+
+def mrope_frequency_axes(mrope_section: Sequence[int]) -> np.ndarray:
+    """For each of the Dh/2 frequencies, which position axis (0=t, 1=h, 2=w) drives it. Returns int[Dh/2].
+
+    Qwen2-VL splits the frequencies into consecutive chunks of sizes `mrope_section` and assigns chunk i to
+    axis i % 3.
+    """
+    return np.concatenate([np.full((size,), i % 3, np.int32) for i, size in enumerate(mrope_section)])
+
+
+def mrope_cos_sin(
+    positions: Array, inv_freq: Array | np.ndarray, mrope_section: Sequence[int]
+) -> tuple[Array, Array]:
+    """Multimodal RoPE tables. positions int[3, B, T] (t, h, w) -> cos, sin fp32 [B, T, Dh]."""
+    inv_freq = np.asarray(inv_freq)
+    if sum(mrope_section) != inv_freq.shape[0]:
+        raise ValueError(
+            f"mrope_section {list(mrope_section)} sums to {sum(mrope_section)}, but head_dim/2 = {inv_freq.shape[0]}"
+        )
+    chex.assert_rank(positions, 3)
+    chex.assert_axis_dimension(positions, 0, 3)
+    # [3, B, T] -> [B, T, Dh/2]: the position that drives each frequency.
+    per_frequency = jnp.moveaxis(positions[mrope_frequency_axes(mrope_section)], 0, -1)
+    angles = per_frequency.astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    return _cos_sin_from_angles(angles)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def causal_mask(query_slots: Array, key_valid: Array) -> Array:
+    """Mask for queries at cache slots `query_slots` int[B, T] over keys at slots 0..S-1.
+
+    key_valid: bool[B, S]. A query attends key slot s iff s <= its own slot and the key is valid.
+    Returns bool[B, T, S].
+    """
+    chex.assert_rank([query_slots, key_valid], [2, 2])
+    key_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+    return (key_slots[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float | None = None) -> Array:
+    """Grouped-query softmax attention.
+
+    q [B, T, H, Dh], k/v [B, S, H_kv, Dh] with H a multiple of H_kv, mask bool[B, T, S] (or broadcastable,
+    e.g. [B, 1, T, S] is not accepted: keep it 3-D). Logits and softmax in fp32; fully masked rows (left
+    padding) give a finite, meaningless output instead of NaN. Returns [B, T, H, Dh] in q's dtype.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    chex.assert_rank(mask, 3)
+    groups = num_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def write_cache_layer(buffer: Array, layer: int, start: Array | int, new: Array) -> Array:
+    """Write `new` [B, T, H_kv, Dh] into cache buffer [L, B, S, H_kv, Dh] at layer `layer`, slots [start, start+T).
+
+    A single `dynamic_update_slice` on the stacked buffer, so XLA updates the (donated) cache in place.
+    """
+    zero = jnp.zeros((), jnp.int32)
+    start = jnp.asarray(start, jnp.int32)
+    return jax.lax.dynamic_update_slice(
+        buffer, new[None].astype(buffer.dtype), (jnp.asarray(layer, jnp.int32), zero, start, zero, zero)
+    )

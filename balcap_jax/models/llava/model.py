@@ -1,0 +1,157 @@
+"""LLaVA-1.5 as a `balcap_jax.models.interface.CausalLM`: CLIP tower -> projector -> Llama decoder.
+
+The module tree mirrors HF transformers 5.x `LlavaForConditionalGeneration`:
+
+    model.vision_tower            CLIPVisionTower (clip.py)
+    model.multi_modal_projector   LlavaMultiModalProjector (projector.py)
+    model.language_model          TextModel (the shared Qwen2/Llama decoder, 1-D RoPE)
+    lm_head                       absent when the embeddings are tied
+
+Inputs (`SequenceInputs`): input_ids int32[B, T] with every image expanded to `config.image_seq_length`
+copies of `config.image_token_id`; attention_mask bool[B, T]; positions int32[B, T] (1-D RoPE; see
+`processor.padded_positions`); optional vision = {"pixel_values": float[N, H, W, 3]} with the N images in the
+row-major order of their placeholder tokens (HF's `masked_scatter` order). The host guarantees that the batch
+holds exactly N * image_seq_length image tokens (`processor.check_image_token_count`).
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from balcap_jax.models.interface import CacheSpec, KVCache, SequenceInputs
+from balcap_jax.models.llava.clip import CLIPVisionTower
+from balcap_jax.models.llava.config import LlavaConfig
+from balcap_jax.models.llava.projector import LlavaMultiModalProjector
+from balcap_jax.models.qwen2_5_vl.text import TextModel
+
+Array = jax.Array
+
+
+def scatter_image_features(embeds: Array, input_ids: Array, image_token_id: int, features: Array) -> Array:
+    """Put image features into the placeholder slots, in row-major order (HF's `masked_scatter`).
+
+    embeds [B, T, D]; input_ids int[B, T]; features [N, P, D]. Placeholder k (counting row-major over the
+    batch) receives features.reshape(N * P, D)[k]. Extra placeholders (a host-side bug) reuse the last feature
+    row instead of reading out of bounds; `processor.check_image_token_count` rejects such batches earlier.
+    """
+    chex.assert_rank([embeds, input_ids, features], [3, 2, 3])
+    batch, length, width = embeds.shape
+    if features.shape[-1] != width:
+        raise ValueError(f"image features have width {features.shape[-1]}, text embeddings {width}")
+    flat_features = features.reshape(-1, width).astype(embeds.dtype)
+    is_image = (input_ids == image_token_id).reshape(-1)
+    order = jnp.clip(jnp.cumsum(is_image) - 1, 0, flat_features.shape[0] - 1)
+    gathered = jnp.take(flat_features, order, axis=0)
+    out = jnp.where(is_image[:, None], gathered, embeds.reshape(-1, width))
+    return out.reshape(batch, length, width)
+
+
+class LlavaModel(nnx.Module):
+    """Everything but the LM head (HF `LlavaModel`)."""
+
+    def __init__(
+        self, config: LlavaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vision_tower = CLIPVisionTower(config.vision, **kw)
+        self.multi_modal_projector = LlavaMultiModalProjector(config, **kw)
+        self.language_model = TextModel(config.text, remat=remat, **kw)
+
+    def image_features(self, pixel_values: Array) -> Array:
+        """[N, H, W, 3] -> projected features [N, image_seq_length, D_text]."""
+        cfg = self.config
+        features = self.vision_tower.select_features(
+            pixel_values.astype(self.language_model.dtype),
+            cfg.feature_layers,
+            drop_cls=cfg.vision_feature_select_strategy == "default",
+        )
+        return self.multi_modal_projector(features)
+
+    def embed(self, inputs: SequenceInputs) -> Array:
+        """Token embeddings with image features in the placeholder slots. -> [B, T, D]."""
+        input_ids = inputs["input_ids"]
+        embeds = self.language_model.embed(input_ids)
+        vision = inputs.get("vision")
+        if vision is None or vision["pixel_values"].shape[0] == 0:
+            return embeds
+        features = self.image_features(vision["pixel_values"])
+        return scatter_image_features(embeds, input_ids, self.config.image_token_id, features)
+
+
+class LlavaForCausalLM(nnx.Module):
+    """LLaVA-1.5 with the `CausalLM` methods (HF `LlavaForConditionalGeneration`)."""
+
+    def __init__(
+        self,
+        config: LlavaConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.model = LlavaModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                config.text.hidden_size,
+                config.text.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+
+    # -- CausalLM -------------------------------------------------------------------------------------------
+
+    def cache_spec(self) -> CacheSpec:
+        return self.config.text.cache_spec()
+
+    def hidden_states(self, inputs: SequenceInputs) -> Array:
+        """Training forward: final-norm hidden states [B, T, D]."""
+        _check_inputs(inputs)
+        embeds = self.model.embed(inputs)
+        return self.model.language_model(embeds, inputs["positions"], inputs["attention_mask"])
+
+    def prefill(self, inputs: SequenceInputs, cache: KVCache) -> tuple[Array, KVCache]:
+        """Vision tower + prompt into `cache` slots [0, T). Returns hidden [B, T, D] and the cache."""
+        _check_inputs(inputs)
+        embeds = self.model.embed(inputs)
+        return self.model.language_model.prefill(embeds, inputs["positions"], inputs["attention_mask"], cache)
+
+    def decode(self, tokens: Array, positions: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """One generated token per row: tokens int32[B], positions int32[B] -> hidden [B, D], cache."""
+        chex.assert_rank([tokens, positions], [1, 1])
+        embeds = self.model.language_model.embed(tokens)
+        return self.model.language_model.decode(embeds, positions, cache)
+
+    def output_embedding(self) -> Array:
+        """The unembedding matrix [D, V]."""
+        if self.config.tie_word_embeddings:
+            return self.model.language_model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: Array) -> Array:
+        """hidden [..., D] -> fp32 logits [..., V] (products in the compute dtype, accumulated in fp32)."""
+        weight = self.output_embedding().astype(hidden.dtype)
+        return jnp.einsum("...d,dv->...v", hidden, weight, preferred_element_type=jnp.float32)
+
+    def __call__(self, inputs: SequenceInputs) -> Array:
+        """Convenience full forward: fp32 logits [B, T, V]."""
+        return self.logits(self.hidden_states(inputs))
+
+
+def _check_inputs(inputs: SequenceInputs) -> None:
+    for key in ("input_ids", "attention_mask", "positions"):
+        if key not in inputs:
+            raise KeyError(f"LLaVA inputs need {key!r}; build them with balcap_jax.models.llava.processor.make_batch")
+    chex.assert_rank([inputs["input_ids"], inputs["attention_mask"]], [2, 2])
+    chex.assert_equal_shape([inputs["input_ids"], inputs["attention_mask"], inputs["positions"]])
+    vision = inputs.get("vision")
+    if vision is not None and "pixel_values" not in vision:
+        raise KeyError("inputs['vision'] must hold 'pixel_values' float[N, H, W, 3]")

@@ -1,0 +1,24 @@
+"""LLaVA-1.5's multimodal projector: Linear -> GELU -> Linear from vision width to the decoder width."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from balcap_jax.models.llava.clip import activation
+from balcap_jax.models.llava.config import LlavaConfig
+
+
+class LlavaMultiModalProjector(nnx.Module):
+    """[..., D_vision * len(feature_layers)] -> [..., D_text]."""
+
+    def __init__(self, config: LlavaConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        width = config.text.hidden_size
+        kw = dict(use_bias=config.multimodal_projector_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = nnx.Linear(config.projector_in_features, width, **kw)
+        self.act = activation(config.projector_hidden_act)
+        self.linear_2 = nnx.Linear(width, width, **kw)
+
+    def __call__(self, image_features: jax.Array) -> jax.Array:
+        return self.linear_2(self.act(self.linear_1(image_features)))

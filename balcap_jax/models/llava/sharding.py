@@ -1,0 +1,120 @@
+"""How LLaVA-1.5's parameters lie on a (data, fsdp, tensor) mesh: a training and a sampling layout.
+
+Tensor parallelism is Megatron-style: the first matmul of each pair (q/k/v, gate/up, fc1, projector linear_1)
+is split over its output features, the second (o_proj, down_proj, out_proj, fc2, linear_2) over its input
+features, so each attention/MLP block needs one reduction. FSDP shards the other weight axis (training only:
+the sampling layout keeps weights whole along fsdp so decode does not all-gather every layer every token).
+Norms, biases of row-split layers and the CLS embedding are small and replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from balcap_jax.parallel.mesh import BATCH_AXES, FSDP, TENSOR
+from balcap_jax.parallel.sharding import abstract_with_shardings, fit_spec, specs_from_rules
+
+_INT = r"\d+"
+
+
+def _rules(fsdp: str | None, tensor: str | None) -> tuple[tuple[str, P], ...]:
+    col = P(fsdp, tensor)  # [in, out] split over out
+    row = P(tensor, fsdp)  # [in, out] split over in
+    text = r"model\.language_model"
+    vision = r"model\.vision_tower"
+    return (
+        # Llama decoder.
+        (rf"{text}\.embed_tokens\.embedding", P(tensor, fsdp)),  # [V, D]
+        (rf"{text}\.layers\.{_INT}\.self_attn\.[qkv]_proj\.kernel", col),
+        (rf"{text}\.layers\.{_INT}\.self_attn\.[qkv]_proj\.bias", P(tensor)),
+        (rf"{text}\.layers\.{_INT}\.self_attn\.o_proj\.kernel", row),
+        (rf"{text}\.layers\.{_INT}\.self_attn\.o_proj\.bias", P()),
+        (rf"{text}\.layers\.{_INT}\.mlp\.(gate|up)_proj\.kernel", col),
+        (rf"{text}\.layers\.{_INT}\.mlp\.down_proj\.kernel", row),
+        (rf"{text}\.(layers\.{_INT}\.)?\w*norm\.scale", P()),
+        (r"lm_head\.kernel", col),  # [D, V]
+        # Projector.
+        (r"model\.multi_modal_projector\.linear_1\.kernel", col),
+        (r"model\.multi_modal_projector\.linear_1\.bias", P(tensor)),
+        (r"model\.multi_modal_projector\.linear_2\.kernel", row),
+        (r"model\.multi_modal_projector\.linear_2\.bias", P()),
+        # CLIP tower.
+        (rf"{vision}\.embeddings\.patch_embedding\.kernel", P(None, None, None, fsdp)),  # [kh, kw, C, D]
+        (rf"{vision}\.embeddings\.position_embedding\.embedding", P(None, fsdp)),  # [1 + P, D]
+        (rf"{vision}\.embeddings\.class_embedding", P()),
+        (rf"{vision}\.encoder\.layers\.{_INT}\.self_attn\.[qkv]_proj\.kernel", col),
+        (rf"{vision}\.encoder\.layers\.{_INT}\.self_attn\.[qkv]_proj\.bias", P(tensor)),
+        (rf"{vision}\.encoder\.layers\.{_INT}\.self_attn\.out_proj\.kernel", row),
+        (rf"{vision}\.encoder\.layers\.{_INT}\.mlp\.fc1\.kernel", col),
+        (rf"{vision}\.encoder\.layers\.{_INT}\.mlp\.fc1\.bias", P(tensor)),
+        (rf"{vision}\.encoder\.layers\.{_INT}\.mlp\.fc2\.kernel", row),
+        (rf"{vision}\.encoder\.layers\.{_INT}\.(self_attn\.out_proj|mlp\.fc2)\.bias", P()),
+        (rf"{vision}\.(encoder\.layers\.{_INT}\.layer_norm[12]|pre_layrnorm|post_layernorm)\.(scale|bias)", P()),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaSharding:
+    """Parameter rules (regex over dotted names -> PartitionSpec, first full match wins, unmatched = error) and
+    the specs of activations. Same methods as `qwen2_5_vl.sharding.QwenSharding`, so callers treat both alike."""
+
+    rules: tuple[tuple[str, P], ...]
+    batch: P = P(BATCH_AXES)  # leading batch dim of ids / masks / positions / pixel_values
+    kv_cache: P = P(None, BATCH_AXES, None, TENSOR, None)  # KVCache.k / .v [L, B, S, H_kv, Dh]
+
+    @classmethod
+    def training(cls) -> "LlavaSharding":
+        """FSDP over `fsdp` on one weight axis, tensor parallel over `tensor` on the other."""
+        return cls(_rules(FSDP, TENSOR))
+
+    @classmethod
+    def sampling(cls) -> "LlavaSharding":
+        """Tensor parallel only: weights are whole along `fsdp`/`data`, so decode steps need no all-gathers."""
+        return cls(_rules(None, TENSOR))
+
+    @classmethod
+    def layout(cls, name: Literal["training", "sampling"]) -> "LlavaSharding":
+        if name not in ("training", "sampling"):
+            raise ValueError(f"sharding layout {name!r}: use 'training' or 'sampling'")
+        return cls.training() if name == "training" else cls.sampling()
+
+    def param_specs(self, params: Any) -> Any:
+        """A PartitionSpec for every leaf of `params` (concrete or abstract), same structure; unknown names raise."""
+        return specs_from_rules(params, self.rules)
+
+    def param_spec(self, name: str, leaf: Any) -> P:
+        """The spec of one parameter by dotted name (the callable form `abstract_with_shardings` takes)."""
+        for pattern, spec in self.rules:
+            if re.fullmatch(pattern, name):
+                return spec
+        raise ValueError(f"no sharding rule matches parameter {name!r} (shape {getattr(leaf, 'shape', '?')})")
+
+    def abstract_params(
+        self, params: Any, mesh: Mesh, *, on_indivisible: Literal["raise", "replicate"] = "replicate"
+    ) -> Any:
+        """Abstract params with NamedShardings attached: the target for loading, initialising or restoring."""
+        return abstract_with_shardings(params, self.param_specs(params), mesh, on_indivisible=on_indivisible)
+
+    def shard_params(self, params: Any, mesh: Mesh) -> Any:
+        """Move a concrete Param state onto this layout."""
+        target = self.abstract_params(params, mesh)
+        return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
+
+    def batch_sharding(self, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+        """Leading dim over the batch axes (replicated where it does not divide, e.g. an odd image count)."""
+        spec = P(tuple(self.batch)[0], *([None] * (len(shape) - 1)))
+        return NamedSharding(mesh, fit_spec("batch input", shape, spec, mesh, on_indivisible="replicate"))
+
+    def cache_sharding(self, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(mesh, fit_spec("kv_cache", shape, self.kv_cache, mesh, on_indivisible="replicate"))
+
+    def shard_inputs(self, inputs: dict, mesh: Mesh) -> dict:
+        """Place a host batch (`processor.make_batch`): every array, pixel_values included, split on its
+        leading dim over the batch axes."""
+        return jax.tree.map(lambda x: jax.device_put(x, self.batch_sharding(mesh, np.shape(x))), inputs)

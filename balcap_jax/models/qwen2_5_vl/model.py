@@ -1,0 +1,157 @@
+"""Qwen2.5-VL as a `balcap_jax.models.interface.CausalLM`: vision tower, image-token scatter, M-RoPE decoder.
+
+Attribute names mirror HF's `Qwen2_5_VLForConditionalGeneration` (`model.visual`, `model.language_model`,
+`lm_head`), so params.py converts checkpoints by rule.
+
+Batches (see interface.py) carry `positions` int32[3, B, T] from `rope_index.get_rope_index` and, for image
+batches, `vision` = `vision_host.prepare_vision_inputs(...)`. `make_inputs` builds both on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from balcap_jax.models.interface import CacheSpec, KVCache, SequenceInputs
+from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from balcap_jax.models.qwen2_5_vl.rope_index import get_rope_index
+from balcap_jax.models.qwen2_5_vl.text import TextModel
+from balcap_jax.models.qwen2_5_vl.vision import VisionTower
+from balcap_jax.models.qwen2_5_vl.vision_host import DEFAULT_PATCH_BUCKETS, prepare_vision_inputs
+
+Array = jax.Array
+
+
+def scatter_image_embeddings(embeds: Array, is_image: Array, image_embeds: Array) -> Array:
+    """Replace the image-placeholder rows of `embeds` by the image embeddings, in reading order.
+
+    embeds [B, T, D]; is_image bool[B, T]; image_embeds [M, D] (the tower's output: real tokens first, then
+    bucket padding). The k-th True of `is_image` (row-major) receives image_embeds[k] — HF's `masked_scatter`.
+    Callers guarantee #True <= M (checked on the host by `get_rope_index`).
+    """
+    chex.assert_rank([embeds, is_image, image_embeds], [3, 2, 2])
+    rank = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+    gathered = image_embeds[jnp.clip(rank, 0, image_embeds.shape[0] - 1)].astype(embeds.dtype)
+    return jnp.where(is_image[..., None], gathered, embeds)
+
+
+class Qwen2_5_VLModel(nnx.Module):
+    """Vision tower + text decoder (HF `Qwen2_5_VLModel`)."""
+
+    def __init__(self, config: Qwen2_5_VLConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
+        self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.language_model = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+
+
+class Qwen2_5_VL(nnx.Module):
+    """The policy model. Implements `interface.CausalLM`."""
+
+    def __init__(
+        self,
+        config: Qwen2_5_VLConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+    ):
+        self.config = config
+        self.model = Qwen2_5_VLModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        if not config.text.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                config.text.hidden_size, config.text.vocab_size, use_bias=False, dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs,
+            )
+
+    # -- CausalLM --------------------------------------------------------------------------------------------
+
+    def cache_spec(self) -> CacheSpec:
+        return self.config.text.cache_spec()
+
+    def embed_inputs(self, inputs: SequenceInputs) -> Array:
+        """Token embeddings with the vision tower's output scattered into the `<|image_pad|>` slots. [B, T, D]."""
+        input_ids = inputs["input_ids"]
+        embeds = self.model.language_model.embed(input_ids)
+        if inputs.get("vision") is None:
+            return embeds
+        image_embeds = self.model.visual(inputs["vision"])
+        is_image = (input_ids == self.config.image_token_id) & inputs["attention_mask"].astype(bool)
+        return scatter_image_embeddings(embeds, is_image, image_embeds)
+
+    def hidden_states(self, inputs: SequenceInputs) -> Array:
+        """Final-norm hidden states [B, T, D] of full sequences (the training forward)."""
+        _check_inputs(inputs)
+        return self.model.language_model(self.embed_inputs(inputs), inputs["positions"], inputs["attention_mask"])
+
+    def prefill(self, inputs: SequenceInputs, cache: KVCache) -> tuple[Array, KVCache]:
+        _check_inputs(inputs)
+        return self.model.language_model.prefill(
+            self.embed_inputs(inputs), inputs["positions"], inputs["attention_mask"], cache
+        )
+
+    def decode(self, tokens: Array, positions: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        text = self.model.language_model
+        return text.decode(text.embed(tokens), positions, cache)
+
+    def output_embedding(self) -> Array:
+        """[D, V]: lm_head's kernel, or the transposed token embedding when tied."""
+        if self.config.text.tie_word_embeddings:
+            return self.model.language_model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: Array) -> Array:
+        """hidden [..., D] -> fp32 logits [..., V]."""
+        unembed = self.output_embedding()
+        return jnp.einsum("...d,dv->...v", hidden.astype(unembed.dtype), unembed,
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, inputs: SequenceInputs) -> Array:
+        """Full-sequence fp32 logits [B, T, V] (tests and tools; training uses chunked log-probs instead)."""
+        return self.logits(self.hidden_states(inputs))
+
+
+def _check_inputs(inputs: SequenceInputs) -> None:
+    for key in ("input_ids", "attention_mask", "positions"):
+        if key not in inputs:
+            raise KeyError(f"inputs lack {key!r}; build batches with qwen2_5_vl.model.make_inputs")
+    batch, length = inputs["input_ids"].shape
+    chex.assert_shape(inputs["attention_mask"], (batch, length))
+    if inputs["positions"].shape not in ((3, batch, length), (batch, length)):
+        raise ValueError(f"positions must be [3, B, T] or [B, T] with B, T = {batch}, {length}; got "
+                         f"{inputs['positions'].shape}")
+
+
+def make_inputs(
+    config: Qwen2_5_VLConfig,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    pixel_values: np.ndarray | None = None,
+    image_grid_thw: np.ndarray | None = None,
+    *,
+    bucket_sizes: Sequence[int] | None = DEFAULT_PATCH_BUCKETS,
+) -> dict:
+    """Host-side batch (numpy) for the model: ids, mask, M-RoPE positions and, with images, vision inputs.
+
+    input_ids int[B, T] with each image expanded to prod(grid_thw)/merge² `<|image_pad|>` tokens;
+    pixel_values float[N_patches, C*T*p*p] and image_grid_thw int[N_images, 3] for all images in reading order.
+    Raises ValueError when the image tokens and the grids disagree.
+    """
+    input_ids = np.asarray(input_ids)
+    attention_mask = np.asarray(attention_mask).astype(bool)
+    if (pixel_values is None) != (image_grid_thw is None):
+        raise ValueError("pass both pixel_values and image_grid_thw, or neither")
+    positions, _ = get_rope_index(
+        input_ids, attention_mask, image_grid_thw, image_token_id=config.image_token_id,
+        spatial_merge_size=config.spatial_merge_size,
+    )
+    batch = {"input_ids": input_ids.astype(np.int32), "attention_mask": attention_mask, "positions": positions}
+    if pixel_values is not None:
+        batch["vision"] = prepare_vision_inputs(
+            np.asarray(pixel_values, np.float32), np.asarray(image_grid_thw), config.vision, bucket_sizes=bucket_sizes
+        )
+    return batch

@@ -1,0 +1,161 @@
+"""How Qwen2.5-VL's weights, activations and KV cache lie on a (data, fsdp, tensor) mesh.
+
+Two layouts:
+  * training: every matrix is FSDP-sharded over `fsdp` on its model-width dimension and tensor-parallel over
+    `tensor` on its heads / MLP / vocabulary dimension (Megatron pairs: q/k/v and gate/up column-parallel,
+    o_proj and down_proj row-parallel); the batch is split over (data, fsdp).
+  * sampling: the same tensor parallelism but no FSDP on weights, so decode never all-gathers a layer per token;
+    the batch and KV cache are split over (data, fsdp).
+The vision tower (~0.7B parameters, run once per image) gets FSDP on its matrices and tensor parallelism on its
+MLP only: its fused qkv would otherwise be cut across the q/k/v boundary.
+
+Dimensions a mesh axis does not divide (tiny test models, 2 KV heads over 4 tensor shards) are replicated
+instead, with a warning (`parallel.sharding.fit_spec(on_indivisible="replicate")`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Literal
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from balcap_jax.parallel.mesh import BATCH_AXES, FSDP, TENSOR
+from balcap_jax.parallel.sharding import abstract_with_shardings, fit_spec, specs_from_rules
+
+_LAYER = r"model\.language_model\.layers\.\d+\."
+_BLOCK = r"model\.visual\.blocks\.\d+\."
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenSharding:
+    """PartitionSpecs per parameter kind (shapes in our [in, out] kernel layout) and for activations."""
+
+    # decoder
+    embed: P  # embed_tokens.embedding [V, D]
+    lm_head: P  # lm_head.kernel [D, V]
+    attn_in: P  # q/k/v_proj.kernel [D, H*Dh]
+    attn_in_bias: P  # q/k/v_proj.bias [H*Dh]
+    attn_out: P  # o_proj.kernel [H*Dh, D]
+    mlp_in: P  # gate/up_proj.kernel [D, F]
+    mlp_in_bias: P  # gate/up_proj.bias [F]
+    mlp_out: P  # down_proj.kernel [F, D]
+    # vision tower
+    vision_patch: P  # patch_embed.proj.kernel [C, T, p, p, Dv]
+    vision_in: P  # attn.qkv.kernel [Dv, 3Dv], attn.proj.kernel [Dv, Dv], merger mlp kernels
+    # activations
+    batch: P  # leading batch dim of ids / masks / hidden states
+    kv_cache: P  # KVCache.k / .v [L, B, S, H_kv, Dh]
+    replicated: P = P()  # norms, remaining biases
+
+    @classmethod
+    def training(cls) -> "QwenSharding":
+        return cls(
+            embed=P(TENSOR, FSDP),
+            lm_head=P(FSDP, TENSOR),
+            attn_in=P(FSDP, TENSOR),
+            attn_in_bias=P(TENSOR),
+            attn_out=P(TENSOR, FSDP),
+            mlp_in=P(FSDP, TENSOR),
+            mlp_in_bias=P(TENSOR),
+            mlp_out=P(TENSOR, FSDP),
+            vision_patch=P(None, None, None, None, FSDP),
+            vision_in=P(FSDP, None),
+            batch=P(BATCH_AXES),
+            kv_cache=P(None, BATCH_AXES, None, TENSOR, None),
+        )
+
+    @classmethod
+    def sampling(cls) -> "QwenSharding":
+        return cls(
+            embed=P(TENSOR, None),
+            lm_head=P(None, TENSOR),
+            attn_in=P(None, TENSOR),
+            attn_in_bias=P(TENSOR),
+            attn_out=P(TENSOR, None),
+            mlp_in=P(None, TENSOR),
+            mlp_in_bias=P(TENSOR),
+            mlp_out=P(TENSOR, None),
+            vision_patch=P(),
+            vision_in=P(),
+            batch=P(BATCH_AXES),
+            kv_cache=P(None, BATCH_AXES, None, TENSOR, None),
+        )
+
+    @classmethod
+    def layout(cls, name: Literal["training", "sampling"]) -> "QwenSharding":
+        if name not in ("training", "sampling"):
+            raise ValueError(f"sharding layout {name!r}: use 'training' or 'sampling'")
+        return cls.training() if name == "training" else cls.sampling()
+
+    def rules(self) -> list[tuple[str, P]]:
+        """(regex over dotted parameter names, spec); first full match wins."""
+        return [
+            (r"model\.language_model\.embed_tokens\.embedding", self.embed),
+            (r"lm_head\.kernel", self.lm_head),
+            (_LAYER + r"self_attn\.[qkv]_proj\.kernel", self.attn_in),
+            (_LAYER + r"self_attn\.[qkv]_proj\.bias", self.attn_in_bias),
+            (_LAYER + r"self_attn\.o_proj\.kernel", self.attn_out),
+            (_LAYER + r"mlp\.(gate|up)_proj\.kernel", self.mlp_in),
+            (_LAYER + r"mlp\.(gate|up)_proj\.bias", self.mlp_in_bias),
+            (_LAYER + r"mlp\.down_proj\.kernel", self.mlp_out),
+            (r"model\.visual\.patch_embed\.proj\.kernel", self.vision_patch),
+            (_BLOCK + r"mlp\.(gate|up)_proj\.kernel", self.mlp_in),
+            (_BLOCK + r"mlp\.(gate|up)_proj\.bias", self.mlp_in_bias),
+            (_BLOCK + r"mlp\.down_proj\.kernel", self.mlp_out),
+            (_BLOCK + r"attn\.(qkv|proj)\.kernel", self.vision_in),
+            (r"model\.visual\.merger\.mlp\.\d+\.kernel", self.vision_in),
+            (r".*(norm|norm1|norm2|ln_q|layernorm)\.scale", self.replicated),
+            (r".*\.bias", self.replicated),
+        ]
+
+    def param_specs(self, params: Any) -> Any:
+        """A PartitionSpec pytree for a Param state (real or abstract); unknown parameters raise."""
+        return specs_from_rules(params, self.rules())
+
+    def param_spec(self, name: str, leaf: Any) -> P:
+        """The spec of one parameter by dotted name (the callable form `hf_io`/`abstract_with_shardings` take)."""
+        return _match(self.rules(), name, leaf)
+
+    def abstract_params(
+        self, params: Any, mesh: Mesh, *, on_indivisible: Literal["raise", "replicate"] = "replicate"
+    ) -> Any:
+        """Abstract params with NamedShardings attached: the target for loading/initialising/restoring."""
+        return abstract_with_shardings(params, self.param_specs(params), mesh, on_indivisible=on_indivisible)
+
+    def shard_params(self, params: Any, mesh: Mesh) -> Any:
+        """Move a concrete Param state onto this layout."""
+        target = self.abstract_params(params, mesh)
+        return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
+
+    def batch_sharding(self, mesh: Mesh, shape: tuple[int, ...], *, batch_dim: int = 0) -> NamedSharding:
+        """Sharding of an input array whose `batch_dim` is the batch (e.g. positions [3, B, T]: batch_dim=1)."""
+        spec = [None] * len(shape)
+        spec[batch_dim] = tuple(self.batch)[0]
+        return NamedSharding(mesh, fit_spec("batch input", shape, P(*spec), mesh, on_indivisible="replicate"))
+
+    def cache_sharding(self, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(mesh, fit_spec("kv_cache", shape, self.kv_cache, mesh, on_indivisible="replicate"))
+
+
+def _match(rules: list[tuple[str, P]], name: str, leaf: Any) -> P:
+    for pattern, spec in rules:
+        if re.fullmatch(pattern, name):
+            return spec
+    raise ValueError(f"no sharding rule matches parameter {name!r} (shape {getattr(leaf, 'shape', '?')})")
+
+
+def shard_inputs(inputs: dict, mesh: Mesh, sharding: QwenSharding) -> dict:
+    """Place a host batch from `model.make_inputs`: text arrays split over the batch axes, vision inputs
+    (one flat patch sequence for the whole batch) replicated."""
+    out = {}
+    for key, value in inputs.items():
+        if key == "vision":
+            out[key] = jax.device_put(value, NamedSharding(mesh, P()))
+        elif key == "positions" and value.ndim == 3:
+            out[key] = jax.device_put(value, sharding.batch_sharding(mesh, value.shape, batch_dim=1))
+        else:
+            out[key] = jax.device_put(value, sharding.batch_sharding(mesh, value.shape))
+    return out

@@ -1,0 +1,450 @@
+"""The Qwen2.5-VL vision tower (ViT with window attention and a 2x2 patch merger) in Flax NNX.
+
+The tower runs on one flat sequence holding the patches of every image in the batch, already permuted into
+window order and padded to a bucket by `vision_host.prepare_vision_inputs`, which also supplies the attention
+segments, the rotary tables and the inverse permutation. Nothing here depends on the image sizes, so one
+compiled tower serves every batch in a bucket. An optional leading shard axis (one such sequence per
+data-parallel shard, `vision_host.prepare_sharded_vision_inputs`) is vmapped, so a mesh can split the images.
+
+Attention is block-diagonal by segment: windowed blocks see the patches of their own 112-px window, the
+`fullatt_block_indexes` blocks see their whole image frame, padding sees only padding. Window attention only
+ever compares keys within one window-sized block of the query's (windows are contiguous and at most
+`window_patches` long), so its cost is linear in the number of patches; which keys count is still decided by
+segment equality alone.
+
+Attribute names mirror HF's `Qwen2_5_VisionTransformerPretrainedModel` (`patch_embed.proj`, `blocks[i].attn.qkv`,
+`blocks[i].mlp.gate_proj`, `merger.ln_q`, `merger.mlp[0]` / `merger.mlp[2]`), so checkpoints convert by rule;
+the one exception, the Conv3d patch projection, is declared in `hf_special_cases`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from balcap_jax.models.layers import RMSNorm, SwiGLU, apply_rotary
+
+Array = jax.Array
+VisionInputs = Mapping[str, Array]
+
+# Keys of `vision_host.prepare_vision_inputs` that the tower reads.
+VISION_INPUT_KEYS = (
+    "patches",
+    "window_segment_ids",
+    "full_segment_ids",
+    "rotary_cos",
+    "rotary_sin",
+    "inverse_window_index",
+    "token_valid",
+)
+_SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Shape of the vision tower. Defaults are those of HF's `Qwen2_5_VLVisionConfig()`; real checkpoints set
+    `hidden_size=1280` and `out_hidden_size` to the decoder width (2048 for 3B, 3584 for 7B)."""
+
+    depth: int = 32
+    hidden_size: int = 3584
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    out_hidden_size: int = 3584
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    tokens_per_second: int = 4
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
+        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                     "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size"):  # fmt: skip
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"VisionConfig.{name} must be positive; got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"VisionConfig.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.head_dim % 4:
+            raise ValueError(f"VisionConfig head_dim={self.head_dim} must be a multiple of 4 (2-D rotary)")
+        if self.window_size % (self.patch_size * self.spatial_merge_size):
+            raise ValueError(
+                f"VisionConfig.window_size={self.window_size} must be a multiple of patch_size * "
+                f"spatial_merge_size = {self.patch_size * self.spatial_merge_size}"
+            )
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"VisionConfig.fullatt_block_indexes {bad} are outside [0, depth={self.depth})")
+        if self.hidden_act not in _SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"VisionConfig.hidden_act={self.hidden_act!r}; supported: {_SUPPORTED_ACTIVATIONS}")
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any]) -> VisionConfig:
+        """From an HF `vision_config` dict (the `config.json` entry or `Qwen2_5_VLVisionConfig.to_dict()`).
+
+        Accepts the released checkpoints' spellings (`in_chans`, a top-level `rope_theta`); keys that do not
+        shape the tower (`model_type`, `initializer_range`, ...) are ignored.
+        """
+        config = dict(config)
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if rope.get("rope_type", "axial") not in ("axial", "default"):
+            raise ValueError(f"vision rope_type={rope['rope_type']!r}: only the axial 2-D rotary is supported")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in fields}
+        if "in_chans" in config and "in_channels" not in config:
+            kwargs["in_channels"] = config["in_chans"]
+        kwargs["rope_theta"] = float(rope.get("rope_theta", config.get("rope_theta", cls.rope_theta)))
+        for name in ("patch_size", "temporal_patch_size"):
+            if isinstance(kwargs.get(name), (list, tuple)):
+                sizes = set(kwargs[name])
+                if len(sizes) != 1:
+                    raise ValueError(f"vision {name}={kwargs[name]}: only equal sizes along every axis are supported")
+                kwargs[name] = sizes.pop()
+        return cls(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch, C*T*p*p (1176 for 3 x 2 x 14 x 14)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches fused into one language-model token (4)."""
+        return self.spatial_merge_size**2
+
+    @property
+    def window_patches(self) -> int:
+        """Patches in one full attention window (64 = (112 / 14)²); the unit of patch buckets."""
+        return (self.window_size // self.patch_size) ** 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention over segments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def segment_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array) -> Array:
+    """Softmax attention where a query sees exactly the keys of its own segment (no causality).
+
+    q [..., Q, H, Dh], k/v [..., K, H, Dh], q_segment_ids int[..., Q], kv_segment_ids int[..., K].
+    Logits and softmax in fp32. Every query must share a segment with at least one key (the tower guarantees
+    it: each query's own position is always among the keys). Returns [..., Q, H, Dh] in v's dtype.
+    """
+    chex.assert_equal_shape([k, v])
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) * scale
+    same_segment = q_segment_ids[..., None, :, None] == kv_segment_ids[..., None, None, :]
+    logits = jnp.where(same_segment, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+
+
+def local_segment_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, block_size: int) -> Array:
+    """`segment_attention` over one sequence whose segments are contiguous and at most `block_size` long.
+
+    The sequence is cut into blocks of `block_size`; a query's segment then lies within its own block and the
+    two neighbouring ones, so each block of queries is compared with those three blocks of keys only
+    (O(N * block_size) instead of O(N²)). The result is exactly `segment_attention(q, k, v, ids, ids)` for every
+    query whose segment fits in a block. (The tower's bucket padding is one segment that may be longer; its
+    queries then see only nearby padding, which changes no real position.)
+
+    q/k/v [N, H, Dh] with N a multiple of block_size; segment_ids int[N]. Returns [N, H, Dh].
+    """
+    n, heads, head_dim = q.shape
+    if n % block_size:
+        raise ValueError(f"sequence length {n} must be a multiple of the attention block size {block_size}")
+    blocks = n // block_size
+
+    def neighbourhood(x: Array, fill) -> Array:
+        """[N, ...] -> [blocks, 3 * block_size, ...]: each block with its left and right neighbours."""
+        x = x.reshape(blocks, block_size, *x.shape[1:])
+        edge = jnp.full((1, *x.shape[1:]), fill, x.dtype)
+        padded = jnp.concatenate([edge, x, edge], axis=0)
+        return jnp.concatenate([padded[:-2], padded[1:-1], padded[2:]], axis=1)
+
+    # The halo beyond the sequence ends gets segment -1, which no position has.
+    out = segment_attention(
+        q.reshape(blocks, block_size, heads, head_dim),
+        neighbourhood(k, 0),
+        neighbourhood(v, 0),
+        segment_ids.reshape(blocks, block_size),
+        neighbourhood(segment_ids, -1),
+    )
+    return out.reshape(n, heads, head_dim)
+
+
+def chunked_segment_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, query_chunk: int) -> Array:
+    """`segment_attention` over one whole sequence, `query_chunk` queries at a time.
+
+    Peak memory holds H x query_chunk x N logits instead of H x N x N (the chunk body is rematerialised in the
+    backward pass). q/k/v [N, H, Dh], segment_ids int[N]; N must be a multiple of query_chunk.
+    """
+    n = q.shape[0]
+    if n <= query_chunk:
+        return segment_attention(q, k, v, segment_ids, segment_ids)
+    if n % query_chunk:
+        raise ValueError(f"sequence length {n} must be a multiple of the query chunk {query_chunk}")
+
+    @jax.checkpoint
+    def one_chunk(chunk: tuple[Array, Array]) -> Array:
+        q_chunk, q_ids = chunk
+        return segment_attention(q_chunk, k, v, q_ids, segment_ids)
+
+    chunks = (q.reshape(n // query_chunk, query_chunk, *q.shape[1:]), segment_ids.reshape(-1, query_chunk))
+    return jax.lax.map(one_chunk, chunks).reshape(q.shape)
+
+
+def _largest_dividing_chunk(n: int, limit: int, granule: int) -> int:
+    """The largest multiple of `granule` that divides n and is <= limit (n itself when n <= limit)."""
+    if n <= limit:
+        return n
+    for size in range(limit - limit % granule, 0, -granule):
+        if n % size == 0:
+            return size
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _exact_gelu(x: Array) -> Array:
+    """torch.nn.GELU() (erf form), as the merger uses."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class PatchProjection(nnx.Module):
+    """The Conv3d patch projection (stride = kernel) as one matmul over flattened patches.
+
+    kernel [C, T, p, p, D]: HF's Conv3d weight [D, C, T, p, p] with the output axis moved last, so the
+    conversion needs no config (see `hf_special_cases`).
+    """
+
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        shape = (config.in_channels, config.temporal_patch_size, config.patch_size, config.patch_size)
+        init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2, 3))
+        self.kernel = nnx.Param(init(rngs.params(), (*shape, config.hidden_size), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, patches: Array) -> Array:
+        """patches [N, C*T*p*p] (C, T, p, p flattened in that order) -> [N, D]."""
+        kernel = self.kernel[...]
+        kernel = kernel.reshape(-1, kernel.shape[-1]).astype(self.dtype)
+        return jnp.dot(patches.astype(self.dtype), kernel)
+
+
+class PatchEmbed(nnx.Module):
+    """HF's `patch_embed`: flattened pixel patches -> hidden_size."""
+
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.proj = PatchProjection(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, patches: Array) -> Array:
+        return self.proj(patches)
+
+
+class VisionAttention(nnx.Module):
+    """Multi-head self-attention with 2-D rotary on q/k; fused `qkv` projection laid out [3, H, Dh]."""
+
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = nnx.Linear(config.hidden_size, 3 * config.hidden_size, **linear)
+        self.proj = nnx.Linear(config.hidden_size, config.hidden_size, **linear)
+        self.num_heads = config.num_heads
+
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, segment_ids: Array, *, window_block: int | None, query_chunk: int
+    ) -> Array:
+        """x [N, D]; cos/sin [N, Dh]; segment_ids int[N]. window_block=None attends over the whole sequence
+        (full-attention blocks, `query_chunk` queries at a time); an int uses block-local attention for
+        segments at most that long."""
+        n, width = x.shape
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, -1), 1, 0)
+        # Rotation in fp32, as the reference does, then back to the compute dtype.
+        q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
+        if window_block is None:
+            out = chunked_segment_attention(q, k, v, segment_ids, query_chunk=query_chunk)
+        else:
+            out = local_segment_attention(q, k, v, segment_ids, block_size=window_block)
+        return self.proj(out.reshape(n, width))
+
+
+class VisionBlock(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.norm1 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.norm2 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = VisionAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = SwiGLU(
+            config.hidden_size,
+            config.intermediate_size,
+            use_bias=True,
+            act=config.hidden_act,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, segment_ids: Array, *, window_block: int | None, query_chunk: int
+    ) -> Array:
+        x = x + self.attn(self.norm1(x), cos, sin, segment_ids, window_block=window_block, query_chunk=query_chunk)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then each merge unit's merge² consecutive patches concatenated and mapped by a GELU MLP."""
+
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        merged_width = config.hidden_size * config.merge_unit
+        linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln_q = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        # Index 1 holds the activation so the linears sit at HF's `mlp.0` / `mlp.2`.
+        self.mlp = nnx.List(
+            [
+                nnx.Linear(merged_width, merged_width, **linear),
+                _exact_gelu,
+                nnx.Linear(merged_width, config.out_hidden_size, **linear),
+            ]
+        )
+        self.merged_width = merged_width
+
+    def __call__(self, x: Array) -> Array:
+        """x [N, D] (N a multiple of merge²) -> [N / merge², out_hidden_size]."""
+        x = self.ln_q(x).reshape(-1, self.merged_width)
+        for layer in self.mlp:
+            x = layer(x)
+        return x
+
+
+def _block_application(window_block: int | None, query_chunk: int) -> Callable[..., Array]:
+    """block(x, cos, sin, segments) with the static attention layout bound (so `nnx.remat` traces only arrays)."""
+
+    def apply(block: VisionBlock, x: Array, cos: Array, sin: Array, segments: Array) -> Array:
+        return block(x, cos, sin, segments, window_block=window_block, query_chunk=query_chunk)
+
+    return apply
+
+
+class VisionTower(nnx.Module):
+    """Qwen2.5-VL vision encoder: patches of a batch of images -> language-model image embeddings.
+
+    `__call__(vision_inputs)` takes the dict of `vision_host.prepare_vision_inputs` (as arrays) and returns
+    image_embeds [M, out_hidden_size], M = padded patches / merge²: the embeddings of every image token in
+    processor order (image after image), followed by zero rows for bucket padding (`token_valid` False).
+
+    Inputs with a leading shard axis (`vision_host.prepare_sharded_vision_inputs`: patches [S, P, C*T*p*p], ...)
+    are encoded shard by shard (vmapped) into [S, M, out_hidden_size]; sharding that axis like the batch keeps
+    each device encoding only its own rows' images.
+    """
+
+    def __init__(
+        self,
+        config: VisionConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+        full_attention_query_chunk: int = 1024,
+    ):
+        self.config = config
+        self.remat = remat
+        self.full_attention_query_chunk = full_attention_query_chunk
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(config, **kw)
+        self.blocks = nnx.List([VisionBlock(config, **kw) for _ in range(config.depth)])
+        self.merger = PatchMerger(config, **kw)
+
+    def encode_patches(self, inputs: VisionInputs) -> Array:
+        """Patch embedding and all blocks: [P, hidden_size] hidden states in window order (before the merger)."""
+        _check_vision_inputs(inputs, self.config)
+        x = self.patch_embed(inputs["patches"])
+        cos, sin = inputs["rotary_cos"], inputs["rotary_sin"]
+        query_chunk = _largest_dividing_chunk(
+            x.shape[0], self.full_attention_query_chunk, granule=self.config.window_patches
+        )
+        for index, block in enumerate(self.blocks):
+            if index in self.config.fullatt_block_indexes:
+                segments, window_block = inputs["full_segment_ids"], None
+            else:
+                segments, window_block = inputs["window_segment_ids"], self.config.window_patches
+            apply = _block_application(window_block, query_chunk)
+            x = (nnx.remat(apply) if self.remat else apply)(block, x, cos, sin, segments)
+        return x
+
+    def embed_images(self, inputs: VisionInputs) -> Array:
+        """One bucket of images (no shard axis) -> [M, out_hidden_size]; see the class docstring."""
+        merged = self.merger(self.encode_patches(inputs))  # [M, out] in window order
+        embeds = merged[inputs["inverse_window_index"]]
+        return jnp.where(inputs["token_valid"][:, None], embeds, jnp.zeros((), embeds.dtype))
+
+    def __call__(self, inputs: VisionInputs) -> Array:
+        inputs = {key: inputs[key] for key in VISION_INPUT_KEYS if key in inputs}
+        if "patches" in inputs and inputs["patches"].ndim == 3:
+            return jax.vmap(self.embed_images)(inputs)
+        return self.embed_images(inputs)
+
+
+def _check_vision_inputs(inputs: VisionInputs, config: VisionConfig) -> None:
+    """Shape checks at the tower's boundary (static under jit)."""
+    missing = [key for key in VISION_INPUT_KEYS if key not in inputs]
+    if missing:
+        raise KeyError(f"vision inputs lack {missing}; build them with vision_host.prepare_vision_inputs")
+    patches = inputs["patches"]
+    chex.assert_rank(patches, 2)
+    if patches.shape[1] != config.patch_dim:
+        raise ValueError(f"patches have {patches.shape[1]} values each; the config expects {config.patch_dim}")
+    n = patches.shape[0]
+    if n % config.window_patches:
+        raise ValueError(
+            f"the padded patch count {n} must be a multiple of window_patches={config.window_patches}; use "
+            "vision_host.prepare_vision_inputs to pad"
+        )
+    chex.assert_shape([inputs["window_segment_ids"], inputs["full_segment_ids"]], (n,))
+    chex.assert_shape([inputs["rotary_cos"], inputs["rotary_sin"]], (n, config.head_dim))
+    chex.assert_shape([inputs["inverse_window_index"], inputs["token_valid"]], (n // config.merge_unit,))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF checkpoint layout
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _conv3d_weight_to_ours(weight: np.ndarray) -> np.ndarray:
+    """HF Conv3d weight [D, C, T, p, p] -> our kernel [C, T, p, p, D]."""
+    return np.ascontiguousarray(np.moveaxis(np.asarray(weight), 0, -1))
+
+
+def _conv3d_weight_to_hf(kernel: np.ndarray) -> np.ndarray:
+    """Our kernel [C, T, p, p, D] -> HF Conv3d weight [D, C, T, p, p]."""
+    return np.ascontiguousarray(np.moveaxis(np.asarray(kernel), -1, 0))
+
+
+def hf_special_cases() -> dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]]:
+    """Tensors of this tower whose HF layout is not the Linear/RMSNorm rule: {hf_key_suffix: (to_ours, to_hf)}.
+
+    The names follow the rule (`patch_embed.proj.kernel` <-> `patch_embed.proj.weight`); only the tensor
+    transform differs, because the HF patch projection is a Conv3d.
+    """
+    return {"patch_embed.proj.weight": (_conv3d_weight_to_ours, _conv3d_weight_to_hf)}

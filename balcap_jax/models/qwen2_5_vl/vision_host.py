@@ -1,0 +1,311 @@
+"""Host-side (numpy) preparation of Qwen2.5-VL vision-tower inputs.
+
+Everything in the vision tower that depends on the image grids — the window permutation, the attention segments,
+the 2-D rotary tables and the merged-token order — is computed here, once per batch, on the host. The jitted
+tower (`vision.py`) then sees only fixed-shape arrays, so a compiled tower is reused for every batch whose patch
+count falls in the same bucket.
+
+Vocabulary (one image = one entry of `grid_thw`, frames x patch rows x patch columns):
+  patch        one `temporal_patch_size x patch_size x patch_size` pixel cube, `C*T*p*p` values.
+  merge unit   the `merge x merge` patches that the merger fuses into one language-model token. The image
+               processor already emits patches grouped by merge unit (`merge_order_positions`).
+  window       `window_size` pixels square (112 px = 4 x 4 merge units = 64 patches); windowed blocks attend
+               within a window, full-attention blocks within a frame.
+  window order the patch order the tower works in: windows one after another, each window's merge units in
+               raster order (HF's `get_vision_window_index`).
+
+The patches are permuted into window order here (a per-patch linear embedding commutes with the permutation),
+and the tower's merged tokens are put back into processor order by `inverse_window_index`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # vision.py imports jax; the host side only reads the config's integers.
+    from balcap_jax.models.qwen2_5_vl.vision import VisionConfig
+
+# Patch-count buckets: a ratio of about 1.5 between neighbours bounds the padding waste at 50% while keeping the
+# number of compiled tower variants small. Every entry is a multiple of 64 patches (one 112-px window of 14-px
+# patches), which the tower's block-local window attention requires.
+DEFAULT_PATCH_BUCKETS: tuple[int, ...] = (
+    256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768,
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowLayout:
+    """The window permutation of one batch of images.
+
+    window_index:   int64[U]  merge unit (in processor order) at each window-order position; U = sum(t*h*w)/merge².
+    window_lengths: int64[n_windows]  merge units per non-empty window, in window order.
+    """
+
+    window_index: np.ndarray
+    window_lengths: np.ndarray
+
+
+def validate_grid_thw(grid_thw: np.ndarray, spatial_merge_size: int) -> np.ndarray:
+    """Checks `grid_thw` int[n_images, 3] (frames, patch rows, patch columns) and returns it as int64."""
+    grid = np.asarray(grid_thw)
+    if grid.ndim != 2 or grid.shape[1] != 3:
+        raise ValueError(f"grid_thw must have shape [n_images, 3] (t, h, w); got {grid.shape}")
+    if grid.shape[0] == 0:
+        raise ValueError("grid_thw is empty: prepare vision inputs only for batches with at least one image")
+    if not np.issubdtype(grid.dtype, np.integer):
+        raise ValueError(f"grid_thw must hold integers; got dtype {grid.dtype}")
+    if np.any(grid <= 0):
+        raise ValueError(f"grid_thw entries must be positive; got {grid.tolist()}")
+    if np.any(grid[:, 1:] % spatial_merge_size):
+        raise ValueError(
+            f"grid_thw heights and widths must be multiples of spatial_merge_size={spatial_merge_size}; got "
+            f"{grid.tolist()} (resize images with processor.smart_resize so both sides are multiples of "
+            "patch_size * merge_size pixels)"
+        )
+    return grid.astype(np.int64)
+
+
+def merge_order_positions(grid_thw: np.ndarray, spatial_merge_size: int) -> np.ndarray:
+    """(row, column) of every patch, in the order the image processor emits patches.
+
+    The processor groups patches by merge unit: merge units in raster order, and inside each unit its
+    `merge x merge` patches in raster order. Frames repeat the same positions.
+
+    grid_thw: int[n_images, 3]. Returns int64[sum(t*h*w), 2] with columns (row, column).
+    """
+    grid = validate_grid_thw(grid_thw, spatial_merge_size)
+    m = spatial_merge_size
+    per_image = []
+    for t, h, w in grid.tolist():
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        # [h/m, m, w/m, m] -> [h/m, w/m, m, m]: units in raster order, then patches inside a unit.
+        rows = rows.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+        cols = cols.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+        per_image.append(np.tile(np.stack([rows, cols], axis=-1), (t, 1)))
+    return np.concatenate(per_image, axis=0)
+
+
+def window_layout(grid_thw: np.ndarray, *, spatial_merge_size: int, window_size: int, patch_size: int) -> WindowLayout:
+    """The window permutation of merge units, frame by frame and image by image.
+
+    Each frame's `h/m x w/m` grid of merge units is cut into windows of `window_size // (patch_size * m)` units
+    square, starting at the top-left corner (the last row/column of windows may be partial). Windows are taken in
+    raster order and each window lists its units in raster order.
+    """
+    grid = validate_grid_thw(grid_thw, spatial_merge_size)
+    units_per_window_side = window_size // (spatial_merge_size * patch_size)
+    if units_per_window_side < 1 or window_size % (spatial_merge_size * patch_size):
+        raise ValueError(
+            f"window_size={window_size} must be a positive multiple of patch_size * spatial_merge_size = "
+            f"{patch_size * spatial_merge_size} pixels"
+        )
+    s = units_per_window_side
+    indices, lengths = [], []
+    offset = 0
+    for t, h, w in grid.tolist():
+        units_h, units_w = h // spatial_merge_size, w // spatial_merge_size
+        windows_h, windows_w = -(-units_h // s), -(-units_w // s)
+        unit_ids = np.full((t, windows_h * s, windows_w * s), -1, dtype=np.int64)
+        unit_ids[:, :units_h, :units_w] = np.arange(t * units_h * units_w).reshape(t, units_h, units_w) + offset
+        # [t, Wh, s, Ww, s] -> [t, Wh, Ww, s, s]: one row per window, its units in raster order.
+        per_window = unit_ids.reshape(t, windows_h, s, windows_w, s).transpose(0, 1, 3, 2, 4).reshape(-1, s * s)
+        real = per_window >= 0
+        indices.append(per_window[real])
+        lengths.append(real.sum(axis=1))
+        offset += t * units_h * units_w
+    all_lengths = np.concatenate(lengths)
+    return WindowLayout(window_index=np.concatenate(indices), window_lengths=all_lengths[all_lengths > 0])
+
+
+def segment_ids_from_lengths(lengths: np.ndarray, total: int) -> np.ndarray:
+    """Segment id of every position of a sequence cut into consecutive segments of `lengths`.
+
+    Positions past `sum(lengths)` (bucket padding) form one extra segment of their own, so padding never
+    attends to real positions or is attended by them. Returns int32[total].
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    used = int(lengths.sum())
+    if used > total:
+        raise ValueError(f"segments cover {used} positions but the sequence has only {total}")
+    ids = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+    return np.concatenate([ids, np.full(total - used, len(lengths), dtype=np.int32)])
+
+
+def frame_lengths(grid_thw: np.ndarray) -> np.ndarray:
+    """Patches per frame, one entry per (image, frame): the full-attention segments. int64[sum(t)]."""
+    grid = np.asarray(grid_thw, dtype=np.int64)
+    return np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
+
+
+def vision_rotary_tables(positions: np.ndarray, *, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables of the tower's 2-D (axial) rotary embedding.
+
+    A quarter of the head's frequencies rotate with the patch row and another quarter with the column; the
+    (row, column) angles are concatenated to half a head and repeated, so `rotate_half` pairs dimension i with
+    i + head_dim/2. Computed in float32 like the reference.
+
+    positions: int[N, 2] (row, column). Returns (cos, sin), each float32[N, head_dim].
+    """
+    if head_dim % 4:
+        raise ValueError(f"the vision head dimension must be a multiple of 4 for 2-D rotary; got {head_dim}")
+    half = head_dim // 2
+    exponents = np.arange(0, half, 2, dtype=np.float32) / np.float32(half)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)  # [head_dim/4]
+    angles = positions.astype(np.float32)[:, :, None] * inv_freq  # [N, 2, head_dim/4]
+    angles = angles.reshape(angles.shape[0], half)  # row angles then column angles
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def choose_bucket(num_patches: int, bucket_sizes: Sequence[int] | None, *, multiple: int) -> int:
+    """The padded patch count: the smallest bucket >= num_patches, or (no buckets) the next multiple of `multiple`."""
+    if bucket_sizes is None:
+        return -(-num_patches // multiple) * multiple
+    buckets = sorted(int(b) for b in bucket_sizes)
+    bad = [b for b in buckets if b <= 0 or b % multiple]
+    if bad:
+        raise ValueError(
+            f"bucket_sizes must be positive multiples of {multiple} patches (one attention window); got {bad}"
+        )
+    for bucket in buckets:
+        if bucket >= num_patches:
+            return bucket
+    raise ValueError(
+        f"the batch has {num_patches} patches, more than the largest bucket ({buckets[-1]}); add a larger entry "
+        "to bucket_sizes or lower the image processor's max_pixels / the number of images per batch"
+    )
+
+
+def prepare_vision_inputs(
+    pixel_values: np.ndarray,
+    grid_thw: np.ndarray,
+    config: VisionConfig,
+    *,
+    bucket_sizes: Sequence[int] | None = DEFAULT_PATCH_BUCKETS,
+) -> dict[str, np.ndarray]:
+    """Everything the jitted `VisionTower` needs for a batch of images, padded to a patch bucket.
+
+    pixel_values: float[N, C*T*p*p] patches of all images, concatenated in processor order (as returned by
+        `processor.preprocess_images` or HF's `Qwen2VLImageProcessorPil`).
+    grid_thw: int[n_images, 3]; N must equal sum(t*h*w).
+    bucket_sizes: allowed padded patch counts (multiples of `config.window_patches`); None pads only to the next
+        multiple of `config.window_patches` (one compilation per distinct patch count).
+
+    Returns a dict of numpy arrays, with P the padded patch count and M = P / merge²:
+      "patches":              float32[P, C*T*p*p]  patches in window order; padding rows are zero.
+      "window_segment_ids":   int32[P]   attention segment of each patch in windowed blocks (one per window).
+      "full_segment_ids":     int32[P]   attention segment in full-attention blocks (one per image frame).
+      "rotary_cos", "rotary_sin": float32[P, head_dim]  2-D rotary tables in window order.
+      "inverse_window_index": int32[M]   for each output token (processor order), its window-order merged row.
+      "token_valid":          bool[M]    True for the sum(t*h*w)/merge² real tokens, which come first.
+    Padding patches form their own segment in both segmentations, so they never influence real patches.
+    """
+    grid = validate_grid_thw(grid_thw, config.spatial_merge_size)
+    pixels = np.asarray(pixel_values)
+    num_patches = int(np.sum(np.prod(grid, axis=1)))
+    if pixels.ndim != 2 or pixels.shape[1] != config.patch_dim:
+        raise ValueError(
+            f"pixel_values must have shape [num_patches, {config.patch_dim}] (C*T*p*p = {config.in_channels}*"
+            f"{config.temporal_patch_size}*{config.patch_size}*{config.patch_size}); got {pixels.shape}"
+        )
+    if pixels.shape[0] != num_patches:
+        raise ValueError(
+            f"pixel_values has {pixels.shape[0]} patches but grid_thw {grid.tolist()} describes {num_patches}; "
+            "pass the pixel_values and grid_thw of the same images"
+        )
+    unit = config.merge_unit
+    layout = window_layout(
+        grid,
+        spatial_merge_size=config.spatial_merge_size,
+        window_size=config.window_size,
+        patch_size=config.patch_size,
+    )
+    padded = choose_bucket(num_patches, bucket_sizes, multiple=config.window_patches)
+
+    # Window order at patch granularity: each merge unit's patches stay together and in order.
+    patch_order = (layout.window_index[:, None] * unit + np.arange(unit)).reshape(-1)
+    patches = np.zeros((padded, config.patch_dim), dtype=np.float32)
+    patches[:num_patches] = pixels[patch_order]
+
+    positions = np.zeros((padded, 2), dtype=np.int64)
+    positions[:num_patches] = merge_order_positions(grid, config.spatial_merge_size)[patch_order]
+    cos, sin = vision_rotary_tables(positions, head_dim=config.head_dim, theta=config.rope_theta)
+
+    num_units, padded_units = num_patches // unit, padded // unit
+    # Window order only moves units within their frame, so frames stay contiguous and the per-frame
+    # segments of full attention apply unchanged to the permuted sequence.
+    inverse = np.arange(padded_units, dtype=np.int32)
+    inverse[:num_units] = np.argsort(layout.window_index).astype(np.int32)
+    return {
+        "patches": patches,
+        "window_segment_ids": segment_ids_from_lengths(layout.window_lengths * unit, padded),
+        "full_segment_ids": segment_ids_from_lengths(frame_lengths(grid), padded),
+        "rotary_cos": cos,
+        "rotary_sin": sin,
+        "inverse_window_index": inverse,
+        "token_valid": np.arange(padded_units) < num_units,
+    }
+
+
+def empty_vision_inputs(config: VisionConfig, padded_patches: int) -> dict[str, np.ndarray]:
+    """`prepare_vision_inputs`' layout for a bucket holding no image (all padding, no valid token)."""
+    units = padded_patches // config.merge_unit
+    return {
+        "patches": np.zeros((padded_patches, config.patch_dim), np.float32),
+        "window_segment_ids": np.zeros((padded_patches,), np.int32),
+        "full_segment_ids": np.zeros((padded_patches,), np.int32),
+        "rotary_cos": np.ones((padded_patches, config.head_dim), np.float32),
+        "rotary_sin": np.zeros((padded_patches, config.head_dim), np.float32),
+        "inverse_window_index": np.arange(units, dtype=np.int32),
+        "token_valid": np.zeros((units,), bool),
+    }
+
+
+def prepare_sharded_vision_inputs(
+    pixel_values: np.ndarray,
+    grid_thw: np.ndarray,
+    config: VisionConfig,
+    *,
+    images_per_shard: Sequence[int],
+    bucket_sizes: Sequence[int] | None = DEFAULT_PATCH_BUCKETS,
+) -> dict[str, np.ndarray]:
+    """`prepare_vision_inputs` for a batch split into S shards (e.g. the rows each data-parallel device holds).
+
+    The images (in batch order) are dealt out consecutively, `images_per_shard[s]` to shard s (0 allowed); all
+    shards share the bucket of the fullest one. Every array gains a leading axis S, and `VisionTower` returns
+    [S, M, D]: shard s's image tokens first in row s, then padding.
+    """
+    grid = validate_grid_thw(grid_thw, config.spatial_merge_size)
+    counts = [int(c) for c in images_per_shard]
+    if any(c < 0 for c in counts) or sum(counts) != len(grid):
+        raise ValueError(
+            f"images_per_shard={counts} must be non-negative and sum to the number of images ({len(grid)})"
+        )
+    patches_per_image = np.prod(grid, axis=1)
+    pixel_values = np.asarray(pixel_values)
+    if pixel_values.shape[0] != patches_per_image.sum():
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[0]} patches but grid_thw {grid.tolist()} describes "
+            f"{int(patches_per_image.sum())}; pass the pixel_values and grid_thw of the same images"
+        )
+    image_bounds = np.cumsum([0, *counts])
+    patch_bounds = np.concatenate([[0], np.cumsum(patches_per_image)])[image_bounds]
+    fullest = int(np.max(np.diff(patch_bounds)))
+    padded = choose_bucket(max(fullest, 1), bucket_sizes, multiple=config.window_patches)
+    shards = [
+        prepare_vision_inputs(pixel_values[p0:p1], grid[i0:i1], config, bucket_sizes=(padded,))
+        if i1 > i0
+        else empty_vision_inputs(config, padded)
+        for i0, i1, p0, p1 in zip(image_bounds[:-1], image_bounds[1:], patch_bounds[:-1], patch_bounds[1:])
+    ]
+    return {key: np.stack([shard[key] for shard in shards]) for key in shards[0]}
+
+
+def num_image_tokens(grid_thw: np.ndarray, spatial_merge_size: int) -> np.ndarray:
+    """Language-model tokens per image: t*h*w / merge². int64[n_images]."""
+    grid = validate_grid_thw(grid_thw, spatial_merge_size)
+    return np.prod(grid, axis=1) // (spatial_merge_size**2)

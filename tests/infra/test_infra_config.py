@@ -1,0 +1,196 @@
+"""Config validation: every rule names the field, the value and what is allowed."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from balcap_jax import config as cfg
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def recipe(name: str = "tiny"):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def problems_of(config, **kwargs) -> list[str]:
+    kwargs.setdefault("device_count", 1)
+    kwargs.setdefault("process_count", 1)
+    try:
+        cfg.validate(config, **kwargs)
+    except cfg.ConfigError as error:
+        assert str(error).count("\n  - ") == len(error.problems)
+        return error.problems
+    return []
+
+
+class _AnyVariableSet(dict):
+    """An environment in which every variable a recipe names is set (recipes name them for the user's shell)."""
+
+    def __contains__(self, key):
+        return True
+
+
+def test_every_recipe_in_configs_is_valid():
+    names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
+    assert "tiny" in names
+    assert problems_of(recipe("tiny")) == []
+    for name in names:
+        config = recipe(name)
+        sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+        devices = 8 if -1 in sizes else sizes[0] * sizes[1] * sizes[2]
+        # real-model recipes name weight directories that exist only on the user's machine
+        assert problems_of(config, device_count=devices, check_paths=False, environ=_AnyVariableSet()) == [], name
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("advantage.kind", "ppo", "config.advantage.kind='ppo' is not allowed; allowed values: 'grpo', 'gdpo'"),
+        ("advantage.kind", "gdp0", "(did you mean 'gdpo'?)"),
+        ("length.kind", "clip", "allowed values: 'mask', 'linear', 'none'"),
+        ("loss.aggregation", "mean", "allowed values: 'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'"),
+        ("rewards.judge.backend", "gpt", "allowed values: 'shapes_world', 'openai', 'jax_local'"),
+        ("model.name", "gemma", "config.model.name='gemma' is not allowed"),
+        ("sampling.temperature", 0.0, "config.sampling.temperature=0.0 must be > 0"),
+        ("sampling.top_p", 1.5, "config.sampling.top_p=1.5 must be <= 1"),
+        ("optim.lr", "1e-5", "config.optim.lr='1e-5' must be a float"),
+        ("train.micro_batches", 0, "config.train.micro_batches=0 must be >= 1"),
+        ("checkpoint.export_hf", 1, "config.checkpoint.export_hf=1 must be a bool"),
+        ("rewards.components", ("precision", "style"), "(item 'style') is not allowed"),
+        ("data.prompt_buckets", 128, "config.data.prompt_buckets=128 must be a tuple of ints"),
+        ("optim.grad_clip", float("nan"), "config.optim.grad_clip=nan must be finite"),
+    ],
+)
+def test_field_checks_name_field_value_and_allowed(path, value, message):
+    config = ml_collections.ConfigDict(recipe().to_dict(), type_safe=False)  # allow wrong types, as dicts do
+    section, _, leaf = path.rpartition(".")
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    with config.unlocked():
+        node[leaf] = value
+    problems = problems_of(config)
+    assert any(message in p for p in problems), problems
+
+
+@pytest.mark.parametrize("kind", ["grpo", "gdpo"])
+def test_group_size_below_two_with_group_advantages(kind):
+    config = recipe()
+    config.advantage.kind = kind
+    config.sampling.group_size = 1
+    assert problems_of(config) == [
+        f"config.sampling.group_size=1: advantage.kind='{kind}' normalises rewards within a group of samples of "
+        "the same prompt, which needs at least 2; set sampling.group_size >= 2 (8 is typical)"
+    ]
+
+
+def test_batch_must_divide_over_the_mesh_and_hosts():
+    config = recipe()
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    config.data.prompts_per_batch = 4
+    problems = problems_of(config, device_count=8)
+    assert any("data.prompts_per_batch=4 is not divisible by the 8 batch shards" in p for p in problems)
+    config.data.prompts_per_batch = 8
+    config.train.micro_batches = 16  # 8 * 8 = 64 sequences -> micro-batches of 4 < 8 shards
+    assert any("config.train.micro_batches=16" in p for p in problems_of(config, device_count=8))
+    config.train.micro_batches = 2
+    config.train.sft_batch_size = 12
+    assert problems_of(config, device_count=8) == [
+        "config.train.sft_batch_size=12 is not divisible by the 8 batch shards of the mesh; use a multiple of 8"
+    ]
+    config.train.sft_batch_size = 16
+    assert problems_of(config, device_count=8) == []
+    assert any("the 3 processes" in p for p in problems_of(config, device_count=8, process_count=3))
+
+
+def test_mesh_that_does_not_match_the_devices():
+    config = recipe()
+    config.mesh.update(data=2, fsdp=2, tensor=1)
+    assert any(p.startswith("config.mesh: mesh data*fsdp*tensor = 2*2*1 = 4, but 8 devices") for p in problems_of(config, device_count=8))
+
+
+def test_weights_directory_and_manifest_paths(tmp_path):
+    config = recipe()
+    config.model.hf_dir = str(tmp_path / "missing")
+    assert any("config.model.hf_dir=" in p and "does not exist" in p for p in problems_of(config))
+    config.model.hf_dir = str(tmp_path)
+    assert any("has no config.json" in p for p in problems_of(config))
+    (tmp_path / "config.json").write_text(json.dumps({}))
+    assert problems_of(config) == []
+    assert problems_of(config, check_paths=False) == []
+    config.model.hf_dir = ""
+    del config.model["tiny"]
+    assert any("config.model.hf_dir is empty and there is no config.model.tiny" in p for p in problems_of(config))
+
+    config = recipe()
+    config.data.source = "manifest"
+    config.data.manifest = ""
+    assert any("config.data.manifest is empty but data.source='manifest'" in p for p in problems_of(config))
+
+
+def test_openai_judge_needs_urls_models_and_the_key_variable():
+    config = recipe()
+    config.rewards.judge.update(backend="openai", llm_url="localhost:8000", llm_model="", vlm_url="http://h:1/v1", vlm_model="m")
+    config.rewards.judge.api_key_env = "BALCAP_TEST_KEY"
+    problems = problems_of(config, environ={})
+    assert any(p.startswith("config.rewards.judge.llm_url='localhost:8000'") for p in problems)
+    assert any(p.startswith("config.rewards.judge.llm_model is empty") for p in problems)
+    assert any("api_key_env='BALCAP_TEST_KEY' names an environment variable that is not set" in p for p in problems)
+    config.rewards.judge.update(llm_url="http://h:1/v1", llm_model="m")
+    assert problems_of(config, environ={"BALCAP_TEST_KEY": "secret"}) == []
+
+
+def test_cross_field_reward_and_length_rules():
+    config = recipe()
+    config.rewards.weights = (1.0, 1.0)
+    config.length.ratio_min = 2.0
+    config.length.ratio_max = 1.5
+    config.loss.dual_clip = 0.5
+    problems = problems_of(config)
+    assert "config.rewards.weights has 2 entries but rewards.components has 3; give one weight per component, in the same order" in problems
+    assert "config.length.ratio_min=2.0 must be below length.ratio_max=1.5" in problems
+    assert "config.loss.dual_clip=0.5 must be 0 (off) or > 1 (e.g. 3.0)" in problems
+    config = recipe()
+    config.rewards.components = ("precision", "recall")
+    config.rewards.weights = (1.0, 1.0)
+    assert any("config.length.component='linguistic' is not among rewards.components" in p for p in problems_of(config))
+
+
+def test_missing_and_misspelled_fields():
+    config = recipe()
+    del config.loss["eps_high"]
+    with config.unlocked():
+        config.loss.eps_hihg = 0.3
+    problems = problems_of(config)
+    assert "config.loss.eps_high is missing (upper clip of the importance ratio: 1 + eps_high)" in problems
+    assert "config.loss.eps_hihg is not a known field; did you mean config.loss.eps_high?" in problems
+
+
+def test_all_problems_are_reported_at_once():
+    config = recipe()
+    config.advantage.kind = "ppo"
+    config.sampling.group_size = 1  # reported although advantage.kind is also wrong
+    config.optim.lr = -1.0
+    problems = problems_of(config)
+    assert len(problems) == 2 and any("advantage.kind" in p for p in problems) and any("optim.lr" in p for p in problems)
+
+
+def test_get_field_and_schema_description():
+    config = recipe()
+    assert cfg.get_field(config, "rewards.judge.backend") == "shapes_world"
+    assert cfg.get_field(config, "rewards.nope.x", None) is None
+    with pytest.raises(cfg.ConfigError, match=r"config.rewards.nope.x is missing \(no field 'nope' under rewards\)"):
+        cfg.get_field(config, "rewards.nope.x")
+    assert "advantage.kind" in cfg.describe_schema()
+
+
+def test_allowed_values_agree_with_the_modules_that_use_them():
+    losses = pytest.importorskip("balcap_jax.rl.losses")
+    assert tuple(losses.AGGREGATIONS) == cfg.LOSS_AGGREGATIONS

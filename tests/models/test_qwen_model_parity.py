@@ -1,0 +1,137 @@
+"""The whole Qwen2.5-VL (vision tower + scatter + M-RoPE decoder + lm_head) against HF torch, fp32."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from balcap_jax.models.interface import KVCache, next_text_positions
+from balcap_jax.models.qwen2_5_vl import params
+from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from balcap_jax.models.qwen2_5_vl.model import Qwen2_5_VL, make_inputs, scatter_image_embeddings
+from balcap_jax.tools import parity
+from tests.models import qwen_fixtures as fx
+
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
+GRIDS = ((1, 8, 12), (1, 16, 8), (1, 4, 4))  # three sizes; the 16x8 one spans two 112-px windows
+
+
+@functools.lru_cache(maxsize=None)
+def _build(tied: bool):
+    hf_model = fx.tiny_qwen_hf_model(seed=1, tie_word_embeddings=tied)
+    config = Qwen2_5_VLConfig.from_hf(hf_model.config.to_dict())
+    ours = fx.load_hf_into(params.abstract_model(config), fx.hf_state_numpy(hf_model))
+    return hf_model, ours
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def models(request):
+    return _build(request.param)
+
+
+def test_config_from_hf(models):
+    hf_model, ours = models
+    config = ours.config
+    assert config.image_token_id == fx.IMAGE_TOKEN_ID and config.text.mrope_section == (2, 3, 3)
+    assert config.text.tie_word_embeddings == hf_model.config.tie_word_embeddings
+    assert hasattr(ours, "lm_head") != config.text.tie_word_embeddings
+    assert Qwen2_5_VLConfig.from_hf(config.to_hf()) == config
+
+
+def test_logits_long_prompt_three_images_and_padded_text_row(models):
+    hf_model, ours = models
+    batch = parity.build_batch(ours.config, seed=0, prompt_tokens=520, image_grids=GRIDS)
+    assert batch.input_ids.shape[1] >= 500 and (~batch.attention_mask).any()
+    report = parity.compare(
+        parity.hf_logits(hf_model, batch, image_token_id=fx.IMAGE_TOKEN_ID),
+        parity.our_logits(ours, batch),
+        batch.attention_mask,
+    )
+    assert report.max_abs_logit_diff <= 1e-3, report
+    assert report.max_kl <= 1e-7, report
+
+
+def test_logits_text_only_padded_batch(models):
+    hf_model, ours = models
+    batch = parity.build_batch(ours.config, seed=1, prompt_tokens=500, image_grids=())
+    report = parity.compare(
+        parity.hf_logits(hf_model, batch, image_token_id=fx.IMAGE_TOKEN_ID),
+        parity.our_logits(ours, batch),
+        batch.attention_mask,
+    )
+    assert report.max_abs_logit_diff <= 1e-3, report
+
+
+def test_prefill_and_decode_match_full_forward_with_images():
+    _, model = _build(False)
+    config = model.config
+    prompt = parity.build_batch(config, seed=2, prompt_tokens=40, image_grids=GRIDS[:2])
+    b, prompt_len = prompt.input_ids.shape
+    new_tokens = 4
+    continuation = np.random.default_rng(3).integers(0, fx.TEXT_TOKEN_MAX, size=(b, new_tokens))
+    inputs = make_inputs(config, prompt.input_ids, prompt.attention_mask, prompt.pixel_values,
+                         prompt.image_grid_thw)  # fmt: skip
+    spec = model.cache_spec()
+    cache = KVCache.zeros(num_layers=spec.num_layers, batch=b, max_len=prompt_len + new_tokens,
+                          num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=jnp.float32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def prefill(state, inputs, cache):
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m.prefill(inputs, cache)
+        return m.logits(hidden), cache
+
+    @jax.jit
+    def decode(state, tokens, positions, cache):
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m.decode(tokens, positions, cache)
+        return m.logits(hidden), cache
+
+    prefill_logits, cache = prefill(state, inputs, cache)
+    start = np.asarray(next_text_positions(jnp.asarray(inputs["positions"]), jnp.asarray(inputs["attention_mask"])))
+    step_logits = []
+    for i in range(new_tokens):
+        logits, cache = decode(state, jnp.asarray(continuation[:, i], jnp.int32), jnp.asarray(start + i), cache)
+        step_logits.append(np.asarray(logits))
+
+    # The same tokens through the full forward, positions from get_rope_index on the whole sequence.
+    full = make_inputs(config, np.concatenate([prompt.input_ids, continuation], 1),
+                       np.concatenate([prompt.attention_mask, np.ones((b, new_tokens), bool)], 1),
+                       prompt.pixel_values, prompt.image_grid_thw)  # fmt: skip
+    np.testing.assert_array_equal(full["positions"][:, :, prompt_len:], (start + np.arange(new_tokens)[:, None]).T[None].repeat(3, 0))
+    full_logits = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, full))
+    mask = prompt.attention_mask
+    np.testing.assert_allclose(np.asarray(prefill_logits)[mask], full_logits[:, :prompt_len][mask], atol=1e-4)
+    np.testing.assert_allclose(np.stack(step_logits, 1), full_logits[:, prompt_len:], atol=1e-4)
+
+
+def test_scatter_image_embeddings_fills_in_reading_order():
+    embeds = jnp.zeros((2, 4, 1))
+    is_image = jnp.array([[False, True, True, False], [True, False, False, False]])
+    image_embeds = jnp.arange(1, 6, dtype=jnp.float32)[:, None]  # 3 real rows + 2 bucket-padding rows
+    out = scatter_image_embeddings(embeds, is_image, image_embeds)[..., 0]
+    np.testing.assert_array_equal(np.asarray(out), [[0, 1, 2, 0], [3, 0, 0, 0]])
+
+
+def test_make_inputs_rejects_mismatched_image_tokens(models):
+    _, model = models
+    batch = parity.build_batch(model.config, seed=4, prompt_tokens=20, image_grids=((1, 4, 4),))
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        make_inputs(model.config, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                    np.array([[1, 4, 8]]))  # fmt: skip
+    with pytest.raises(ValueError, match="both"):
+        make_inputs(model.config, batch.input_ids, batch.attention_mask, batch.pixel_values, None)
+
+
+def test_output_embedding_and_logits_agree(models):
+    _, model = models
+    hidden = jnp.asarray(np.random.default_rng(5).standard_normal((3, 64)), jnp.float32)
+    logits = model.logits(hidden)
+    assert logits.dtype == jnp.float32 and logits.shape == (3, fx.TINY_VOCAB)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(hidden @ model.output_embedding()), atol=1e-5)
+    assert isinstance(model, Qwen2_5_VL)

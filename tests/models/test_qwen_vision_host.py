@@ -1,0 +1,142 @@
+"""Host-side vision preparation (window index, segments, rotary tables, buckets) against HF transformers."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+from balcap_jax.models.qwen2_5_vl import vision_host
+from balcap_jax.models.qwen2_5_vl.vision import VisionConfig
+
+# Grids (t, h, w) in patches: full and partial windows (8 x 8 patches), a square, a one-window image, a 2-frame clip.
+GRIDS = [
+    np.array([[1, 20, 12], [1, 8, 28], [1, 6, 6]]),
+    np.array([[1, 16, 16]]),
+    np.array([[2, 10, 14], [1, 4, 2]]),
+    np.array([[1, 2, 2], [1, 34, 50]]),
+]
+CONFIG = VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=40,
+                      fullatt_block_indexes=(1,))  # fmt: skip
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_window_layout_matches_hf(grid):
+    ref_index, ref_cu = get_vision_window_index(
+        torch.from_numpy(grid), spatial_merge_size=2, window_size=112, patch_size=14
+    )
+    layout = vision_host.window_layout(grid, spatial_merge_size=2, window_size=112, patch_size=14)
+    np.testing.assert_array_equal(layout.window_index, ref_index.numpy())
+    cu = np.concatenate([[0], np.cumsum(layout.window_lengths * 4)])
+    np.testing.assert_array_equal(cu, ref_cu.numpy())
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_merge_order_positions_match_hf(grid):
+    ref = get_vision_position_ids(torch.from_numpy(grid), 2).numpy()
+    np.testing.assert_array_equal(vision_host.merge_order_positions(grid, 2), ref)
+
+
+@pytest.mark.parametrize("head_dim", [8, 80])
+def test_rotary_tables_match_hf(head_dim):
+    grid = GRIDS[3]
+    hf_config = Qwen2_5_VLVisionConfig(hidden_size=head_dim * 2, num_heads=2)
+    rotary = Qwen2_5_VLVisionRotaryEmbedding(hf_config)
+    positions = get_vision_position_ids(torch.from_numpy(grid), 2)
+    ref_cos, ref_sin = rotary(torch.zeros(1), positions)
+    cos, sin = vision_host.vision_rotary_tables(
+        vision_host.merge_order_positions(grid, 2), head_dim=head_dim, theta=10000.0
+    )
+    assert cos.shape == (positions.shape[0], head_dim) and cos.dtype == np.float32
+    np.testing.assert_allclose(cos, ref_cos.numpy(), atol=2e-6, rtol=0)
+    np.testing.assert_allclose(sin, ref_sin.numpy(), atol=2e-6, rtol=0)
+
+
+def test_segment_ids_follow_cu_seqlens_and_isolate_padding():
+    lengths = np.array([3, 1, 4])
+    ids = vision_host.segment_ids_from_lengths(lengths, 10)
+    np.testing.assert_array_equal(ids, [0, 0, 0, 1, 2, 2, 2, 2, 3, 3])
+    with pytest.raises(ValueError, match="cover 8 positions"):
+        vision_host.segment_ids_from_lengths(lengths, 7)
+    grid = GRIDS[2]
+    ref_cu = get_vision_cu_seqlens(torch.from_numpy(grid)).numpy()  # one segment per frame
+    np.testing.assert_array_equal(np.concatenate([[0], np.cumsum(vision_host.frame_lengths(grid))]), ref_cu)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_prepare_vision_inputs_layout(grid):
+    n = int(np.prod(grid, axis=1).sum())
+    pixels = np.random.default_rng(0).normal(size=(n, CONFIG.patch_dim)).astype(np.float32)
+    out = vision_host.prepare_vision_inputs(pixels, grid, CONFIG)
+    padded = vision_host.choose_bucket(n, vision_host.DEFAULT_PATCH_BUCKETS, multiple=64)
+    assert out["patches"].shape == (padded, CONFIG.patch_dim)
+    assert {k: v.dtype for k, v in out.items()} == {
+        "patches": np.float32, "window_segment_ids": np.int32, "full_segment_ids": np.int32,
+        "rotary_cos": np.float32, "rotary_sin": np.float32, "inverse_window_index": np.int32, "token_valid": bool,
+    }  # fmt: skip
+
+    ref_index, ref_cu = get_vision_window_index(torch.from_numpy(grid), 2, 112, 14)
+    patch_order = (ref_index.numpy()[:, None] * 4 + np.arange(4)).reshape(-1)
+    np.testing.assert_array_equal(out["patches"][:n], pixels[patch_order])
+    assert not out["patches"][n:].any()
+
+    # Window segments: HF's cu_window_seqlens; padding is one extra segment of its own, in both segmentations.
+    window_ids = out["window_segment_ids"]
+    np.testing.assert_array_equal(np.flatnonzero(np.diff(window_ids[:n])) + 1, ref_cu.numpy()[1:-1])
+    for ids in (window_ids, out["full_segment_ids"]):
+        assert np.all(ids[n:] == ids[:n].max() + 1)
+    frames = int(grid[:, 0].sum())
+    assert out["full_segment_ids"][:n].max() == frames - 1
+
+    # Merged tokens: the first n/4 are valid and, through the inverse permutation, in processor order.
+    m = n // 4
+    np.testing.assert_array_equal(out["token_valid"], np.arange(padded // 4) < m)
+    inverse = out["inverse_window_index"]
+    np.testing.assert_array_equal(ref_index.numpy()[inverse[:m]], np.arange(m))
+    np.testing.assert_array_equal(np.sort(inverse), np.arange(padded // 4))
+
+
+def test_patch_buckets():
+    assert vision_host.choose_bucket(100, (64, 128, 256), multiple=64) == 128
+    assert vision_host.choose_bucket(128, (256, 128), multiple=64) == 128
+    assert vision_host.choose_bucket(100, None, multiple=64) == 128
+    assert all(b % 64 == 0 for b in vision_host.DEFAULT_PATCH_BUCKETS)
+    with pytest.raises(ValueError, match="largest bucket"):
+        vision_host.choose_bucket(300, (64, 256), multiple=64)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        vision_host.choose_bucket(30, (32, 64), multiple=64)
+
+
+def test_bad_inputs_raise_clear_errors():
+    grid = np.array([[1, 4, 4]])
+    pixels = np.zeros((16, CONFIG.patch_dim), np.float32)
+    with pytest.raises(ValueError, match="describes 16"):
+        vision_host.prepare_vision_inputs(pixels[:12], grid, CONFIG)
+    with pytest.raises(ValueError, match=r"\[num_patches, 1176\]"):
+        vision_host.prepare_vision_inputs(pixels[:, :100], grid, CONFIG)
+    with pytest.raises(ValueError, match="multiples of spatial_merge_size"):
+        vision_host.prepare_vision_inputs(pixels[:15], np.array([[1, 5, 3]]), CONFIG)
+    with pytest.raises(ValueError, match=r"shape \[n_images, 3\]"):
+        vision_host.prepare_vision_inputs(pixels, np.array([4, 4]), CONFIG)
+    with pytest.raises(ValueError, match="empty"):
+        vision_host.prepare_vision_inputs(pixels[:0], np.zeros((0, 3), np.int64), CONFIG)
+
+
+def test_num_image_tokens():
+    np.testing.assert_array_equal(vision_host.num_image_tokens(GRIDS[2], 2), [70, 2])
+
+
+def test_sharded_inputs_stack_per_shard_buckets():
+    grid = GRIDS[0]  # 240 + 224 + 36 patches
+    n = int(np.prod(grid, axis=1).sum())
+    pixels = np.random.default_rng(0).normal(size=(n, CONFIG.patch_dim)).astype(np.float32)
+    out = vision_host.prepare_sharded_vision_inputs(pixels, grid, CONFIG, images_per_shard=[2, 0, 1])
+    assert out["patches"].shape == (3, 512, CONFIG.patch_dim) and out["token_valid"].shape == (3, 128)
+    alone = vision_host.prepare_vision_inputs(pixels[:464], grid[:2], CONFIG, bucket_sizes=(512,))
+    for key in alone:
+        np.testing.assert_array_equal(out[key][0], alone[key])
+    assert not out["token_valid"][1].any() and not out["patches"][1].any()
+    np.testing.assert_array_equal(out["token_valid"][2], np.arange(128) < 9)
+    with pytest.raises(ValueError, match="sum to the number of images"):
+        vision_host.prepare_sharded_vision_inputs(pixels, grid, CONFIG, images_per_shard=[2, 2])

@@ -1,0 +1,141 @@
+"""The reward manager: rewards[P, G, K] and metrics, overlap via futures, input validation; end to end over HTTP
+with 20% injected faults, and the 50 ms-server throughput figure."""
+
+import asyncio
+import math
+import time
+
+import numpy as np
+import pytest
+
+from balcap_jax.rewards.judges.openai_compatible import OpenAICompatibleConfig, OpenAICompatibleJudge
+from balcap_jax.rewards.judges.scripted import RuleBasedResponder, ScriptedJudge
+from balcap_jax.rewards.linguistic import LinguisticReward
+from balcap_jax.rewards.manager import RewardManager
+from balcap_jax.rewards.precision import PrecisionReward
+from balcap_jax.rewards.recall import RecallReward
+from balcap_jax.rewards.types import ComponentScore
+from tests.rewards.conftest import make_groups
+from tests.rewards.rewards_fake_server import PERMANENT_FAULTS, ServerSpec, fetch_stats, planned_fault, serve_in_subprocess
+
+
+def three_components(judge):
+    return [PrecisionReward(judge, judge), RecallReward(judge), LinguisticReward(judge)]
+
+
+def scripted_reference(groups):
+    with RewardManager(three_components(ScriptedJudge(RuleBasedResponder()))) as manager:
+        return manager.score_sync(groups)
+
+
+def test_rewards_tensor_matches_components_and_metrics_summarise_it():
+    groups = make_groups(3, 4)
+    batch = scripted_reference(groups)
+    assert batch.rewards.shape == (3, 4, 3) and batch.rewards.dtype == np.float32
+    assert batch.component_names == ("precision", "recall", "linguistic")
+    flat = [item for group in groups for item in group]
+    for k, component in enumerate(three_components(ScriptedJudge(RuleBasedResponder()))):
+        direct = asyncio.run(component.score(flat))
+        np.testing.assert_array_equal(batch.rewards[..., k].reshape(-1), np.float32([s.value for s in direct]))
+    assert np.all(batch.rewards[:, 3] == 0.0)  # the empty caption of each group
+    precision = batch.rewards[..., 0]
+    metrics = batch.metrics["precision"]
+    assert metrics.mean == pytest.approx(float(precision.mean())) and metrics.std == pytest.approx(float(precision.std()))
+    assert metrics.nan_count == 0 and metrics.errors == 0 and metrics.judge_calls == 2 * 9  # 9 non-empty captions
+    assert batch.scalars()["rewards/recall/judge_calls"] == 3 + 9  # one reference decomposition per prompt
+    assert len(np.unique(batch.rewards[..., 1])) > 2  # components vary, so the equality checks above mean something
+
+
+def test_submit_returns_at_once_and_overlaps_with_other_work():
+    judge = ScriptedJudge(RuleBasedResponder(), latency_s=0.3)
+    with RewardManager(three_components(judge)) as manager:
+        start = time.perf_counter()
+        future = manager.submit(make_groups(2, 2))
+        assert time.perf_counter() - start < 0.1 and not future.done()
+        busy_until = time.perf_counter() + 0.3  # "the accelerator samples the next batch"
+        while time.perf_counter() < busy_until:
+            pass
+        batch = future.result(timeout=30)
+        assert batch.rewards.shape == (2, 2, 3) and not np.isnan(batch.rewards).any()
+        # Sequential judge calls per caption: precision = 2 x 0.3 s; the whole batch still takes ~0.6 s.
+        assert time.perf_counter() - start < 2.0
+
+
+class OutOfRange:
+    name = "broken"
+
+    async def score(self, items):
+        return [ComponentScore(1.5) for _ in items]
+
+
+def test_manager_validates_its_inputs_and_component_outputs():
+    judge = ScriptedJudge(RuleBasedResponder())
+    with pytest.raises(ValueError, match="distinct"):
+        RewardManager([LinguisticReward(judge), LinguisticReward(judge)])
+    with RewardManager([LinguisticReward(judge)]) as manager:
+        with pytest.raises(ValueError, match="ragged"):
+            manager.submit([make_groups(1, 2)[0], make_groups(1, 3)[0]])
+        with pytest.raises(ValueError, match="empty"):
+            manager.score_sync([])
+    with RewardManager([OutOfRange()]) as manager, pytest.raises(ValueError, match="outside"):
+        manager.score_sync(make_groups(1, 1))
+
+
+def http_judge(url, **overrides):
+    config = dict(model="judge-m", base_urls=(url,), multimodal=True, max_concurrency=128, request_timeout_s=0.4,
+                  connect_timeout_s=0.5, max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05)  # fmt: skip
+    return OpenAICompatibleJudge(OpenAICompatibleConfig(**(config | overrides)))
+
+
+def test_twenty_percent_faults_over_256_captions(fake_server):
+    spec = ServerSpec(permanent_pct=4.0, transient_pct=16.0, timeout_sleep_s=1.0, slow_sleep_s=0.05)
+    server = fake_server(spec)
+    groups = make_groups(64, 4)
+    judge = http_judge(server.base_url)
+    with RewardManager(three_components(judge)) as manager:
+        batch = manager.score_sync(groups)
+    reference = scripted_reference(groups)
+    assert not np.isnan(reference.rewards).any()
+
+    # Every planned fault kind was exercised, on about 20% of the distinct requests.
+    faults = {key: planned_fault(spec, key, 0) for key in server.attempts}
+    faulted = [key for key, fault in faults.items() if fault]
+    assert set(server.faults) >= set(PERMANENT_FAULTS) | {"slow", "garbage_text"}
+    assert 0.12 < len(faulted) / len(faults) < 0.28
+    permanent = {key for key in faulted if planned_fault(spec, key, 1)}
+    transient = {key for key in faulted if key not in permanent and faults[key] not in ("slow", "garbage_text")}
+    assert permanent and transient
+    # Recoverable calls were retried and answered; unrecoverable ones were tried max_attempts times and dropped.
+    assert all(server.attempts[key] >= 2 and server.successes[key] >= 1 for key in transient)
+    assert all(server.attempts[key] % 3 == 0 and server.successes[key] == 0 for key in permanent), sorted(
+        (server.attempts[k], server.successes[k], faults[k]) for k in permanent)
+    assert judge.stats.retries >= len(transient) + 2 * len(permanent)
+
+    # Scored entries are exactly the fault-free values; the rest are NaN with counted errors, never zero.
+    nan = np.isnan(batch.rewards)
+    np.testing.assert_array_equal(batch.rewards[~nan], reference.rewards[~nan])
+    assert 0 < nan.sum() < nan.size // 4
+    for k, name in enumerate(batch.component_names):
+        errors = np.array([s.errors for s in batch.scores[k]]).reshape(64, 4)
+        assert np.array_equal(nan[..., k], errors > 0), name
+        assert batch.metrics[name].nan_count == int(nan[..., k].sum())
+    print(f"\n20% faults, 256 captions x 3 components: {int(nan.sum())} NaN of {nan.size}, "
+          f"{server.http_requests} HTTP requests, {judge.stats.retries} retries, {batch.latency_s:.2f} s")  # fmt: skip
+
+
+def test_throughput_256_captions_3_components_against_a_50ms_server(capsys):
+    groups = make_groups(64, 4)
+    with serve_in_subprocess(ServerSpec(latency_s=0.05)) as url:
+        judge = http_judge(url, request_timeout_s=30.0)
+        with RewardManager(three_components(judge)) as manager:
+            manager.score_sync(make_groups(2, 1))  # warm-up: connections, imports
+            start = time.perf_counter()
+            batch = manager.score_sync(groups)
+            elapsed = time.perf_counter() - start
+        requests = fetch_stats(url)["http_requests"]
+    assert not np.isnan(batch.rewards).any()
+    serial = requests * 0.05
+    with capsys.disabled():
+        print(f"\nthroughput: 256 captions x 3 components = {requests} judge requests at 50 ms each "
+              f"in {elapsed:.2f} s (serial would take {serial:.0f} s)")  # fmt: skip
+    assert elapsed < 5.0
