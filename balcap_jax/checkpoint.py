@@ -46,7 +46,8 @@ class CheckpointConfig:
     """save_every_steps: periodic save interval (0 disables periodic saves; preemption saves still happen).
     keep_last: how many most recent checkpoints to keep (None keeps all).
     async_save: write in a background thread while training continues.
-    save_on_signals: signals that request a save-and-stop (SIGTERM is what schedulers send before a kill).
+    save_on_signals: signals that request a save-and-stop (SIGTERM is what schedulers send before a kill);
+      single process only: multi-process runs use jax.distributed's preemption notice (see `should_save`).
     """
 
     save_every_steps: int = 100
@@ -137,12 +138,17 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, META))
         self._preempted = threading.Event()
         self._saved_since_preemption = False
+        self._warned_no_preemption_service = False
         self._previous_handlers: dict[int, Any] = {}
         self._install_signal_handlers()
 
     # ---- preemption ---------------------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
+        if jax.process_count() > 1:
+            # jax.distributed's preemption sync manager owns SIGTERM and makes every process agree on the step
+            # to save at (`should_save`); a local handler would let one process decide alone and deadlock.
+            return
         if threading.current_thread() is not threading.main_thread():
             _log.warning("Checkpointer created off the main thread: no save-on-signal handlers installed")
             return
@@ -165,20 +171,27 @@ class Checkpointer:
         return self._saved_since_preemption
 
     def request_preemption(self) -> None:
-        """What the signal handler does; for schedulers that notify differently, and for tests."""
+        """What the signal handler does (single process); for schedulers that notify differently, and tests."""
         self._preempted.set()
 
     # ---- saving -------------------------------------------------------------------------------------------
 
     def should_save(self, step: int) -> bool:
+        """True at every `save_every_steps`-th step and at the first step after a preemption notice.
+
+        Multi-process runs must call this on every process at every step: the preemption decision is agreed
+        collectively (`multihost_utils.reached_preemption_sync_point`), so all processes save the same step.
+        """
         if jax.process_count() > 1 and not self._preempted.is_set():
             from jax.experimental import multihost_utils
 
-            try:  # every process must reach the same decision, or the collective save deadlocks
+            try:
                 if multihost_utils.reached_preemption_sync_point(step):
                     self._preempted.set()
-            except (RuntimeError, ValueError):  # preemption service not enabled in this jax.distributed setup
-                pass
+            except (RuntimeError, ValueError) as error:  # no preemption service in this jax.distributed setup
+                if not self._warned_no_preemption_service:
+                    _log.warning("preemption sync unavailable (%s): only periodic saves", error)
+                    self._warned_no_preemption_service = True
         every = self.config.save_every_steps
         return self._preempted.is_set() or (every > 0 and step % every == 0)
 

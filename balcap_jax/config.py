@@ -225,15 +225,14 @@ def misspelled_fields(config: Any, known: Sequence[str] = tuple(SCHEMA_BY_PATH))
     Fields the schema does not know and that resemble nothing are left alone: recipes may carry extras.
     """
     problems = []
-    known_set = set(known)
-    for path in _leaf_paths(config):
-        if path in known_set:
-            continue
-        section, _, _ = path.rpartition(".")
-        siblings = [k for k in known if k.rpartition(".")[0] == section]
-        close = difflib.get_close_matches(path, siblings, n=1, cutoff=0.85)
-        if close and close[0] not in _leaf_paths(config):
-            problems.append(f"config.{path} is not a known field; did you mean config.{close[0]}?")
+    present = set(_leaf_paths(config))
+    for path in sorted(present - set(known)):
+        section, _, leaf = path.rpartition(".")
+        # only schema fields of the same section that the config lacks: a typo leaves its intended field unset
+        absent = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section and k not in present}
+        close = difflib.get_close_matches(leaf, list(absent), n=1, cutoff=0.8)
+        if close:
+            problems.append(f"config.{path} is not a known field; did you mean config.{absent[close[0]]}?")
     return problems
 
 

@@ -13,7 +13,7 @@ buffer plan for our compiled programs; on a GPU, device peak bytes instead.
 
 Reproduce (CPU, the numbers in experiments/results/bench_sampling.md):
     python experiments/bench_sampling.py
-GPU, Qwen2.5-VL-3B shapes, ours only, decode ms/step against the HBM roofline:
+GPU, Qwen2.5-VL-3B shapes, ours only (decode ms/step against the memory roofline is reported on every backend):
     python experiments/bench_sampling.py --preset 3b --skip-hf --out-name bench_sampling_3b
 The last line printed is `speedup_vs_hf=<float>` (our tokens/s / HF tokens/s; nan with --skip-hf).
 """
@@ -41,10 +41,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from balcap_jax.models import hf_io  # noqa: E402
 from balcap_jax.models.qwen2_5_vl import params as qwen_params  # noqa: E402
 from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig  # noqa: E402
 from balcap_jax.models.qwen2_5_vl.model import Qwen2_5_VL, make_inputs  # noqa: E402
 from balcap_jax.models.qwen2_5_vl.processor import ImageProcessorConfig, preprocess_images  # noqa: E402
+from balcap_jax.models.qwen2_5_vl.vision import hf_special_cases  # noqa: E402
 from balcap_jax.sampling import Sampler, SamplerConfig, Temperature  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -192,9 +194,9 @@ def timed(fn: Callable[[], Any], runs: int) -> tuple[list[float], Any]:
     return times, out
 
 
-def measure_bandwidth_gbs() -> float:
+def measure_bandwidth_gbs(num_bytes: int) -> float:
     """Device memory bandwidth from a large elementwise op: (read + write bytes) / time, best of 5."""
-    x = jnp.ones((256 * 2**20,), jnp.float32)  # 1 GiB
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
     f = jax.jit(lambda a: a * 1.0001)
     f(x).block_until_ready()
     best = min(timed(lambda: f(x).block_until_ready(), 5)[0])
@@ -256,7 +258,11 @@ def main(argv=None) -> int:
         hf_model = hf_model.to(getattr(torch, dtype_name)).to(torch_device)
         tensors = {k: v.float().cpu().numpy() for k, v in hf_model.state_dict().items()}
         abstract = qwen_params.abstract_model(config, dtype=dtype, param_dtype=dtype)
-        mapping = qwen_params.qwen2_5_vl_mapping(config, tensors.keys())
+        # torch state_dict keys use the nested module layout (model.language_model.*, model.visual.*), as ours do.
+        mapping = hf_io.ParamMapping(
+            special_cases=hf_special_cases(),
+            ignore_unexpected=(r"lm_head\.weight",) if config.text.tie_word_embeddings else (),
+        )
         model = qwen_params.from_hf_tensors(abstract, tensors, mapping)
         del tensors
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -268,7 +274,7 @@ def main(argv=None) -> int:
     sampler, state = Sampler.from_model(model)
     sampler_config = SamplerConfig(
         max_new_tokens=args.new_tokens, eos_ids=(), pad_id=0, strategy=Temperature(1.0), group_size=args.group,
-        prompt_buckets=(128, 256, 512, 1024, 2048), cache_dtype=dtype_name,
+        cache_dtype=dtype_name,
     )  # fmt: skip
     key = jax.random.key(args.seed)
 
@@ -321,10 +327,10 @@ def main(argv=None) -> int:
     )  # fmt: skip
     if backend != "cpu":
         result["ours"]["device_peak_mib"] = device_peak_mib()
-        bandwidth = measure_bandwidth_gbs()
-        roof = decode_roofline(model, rows, slots, dtype.itemsize, bandwidth)
-        result["roofline"] = dict(bandwidth_gbs=bandwidth, **roof,
-                                  fraction=roof["roofline_ms"] / result["ours"]["decode_ms_per_step"])  # fmt: skip
+    bandwidth = measure_bandwidth_gbs(2**30 if backend != "cpu" else 2**28)
+    roof = decode_roofline(model, rows, slots, dtype.itemsize, bandwidth)
+    result["roofline"] = dict(bandwidth_gbs=bandwidth, **roof,
+                              fraction=roof["roofline_ms"] / result["ours"]["decode_ms_per_step"])  # fmt: skip
 
     speedup = float("nan")
     if hf_model is not None:

@@ -91,8 +91,15 @@ class PipelineConfig:
         return {**DEFAULT_SEQUENCE_PAD_VALUES, "input_ids": self.pad_id}
 
 
-def prepare(example: CaptionExample | Skipped, processor: Processor, max_length: int) -> Prepared | Skipped:
-    """Run the processor; a processor error or a prompt over `max_length` tokens becomes a `Skipped`."""
+def prepare(
+    example: CaptionExample | Skipped,
+    processor: Processor,
+    max_length: int,
+    sequence_keys: Sequence[str] = tuple(DEFAULT_SEQUENCE_PAD_VALUES),
+) -> Prepared | Skipped:
+    """Run the processor; a processor error or a prompt over `max_length` tokens becomes a `Skipped`.
+    A processor breaking its contract (no 1-D integer input_ids, or a per-token field in `sequence_keys` whose
+    last axis is not the prompt length) raises ValueError: that is a bug to fix, not bad data."""
     if isinstance(example, Skipped):
         return example
     try:
@@ -107,6 +114,12 @@ def prepare(example: CaptionExample | Skipped, processor: Processor, max_length:
             f"{None if input_ids is None else (input_ids.shape, input_ids.dtype)}"
         )
     length = int(input_ids.shape[0])
+    for key in sequence_keys:
+        if key in features and features[key].shape[-1:] != (length,):
+            raise ValueError(
+                f"the processor's per-token field {key!r} has shape {features[key].shape}; its last axis must be "
+                f"the prompt length {length} (input_ids), since the pipeline pads it along that axis"
+            )
     if length > max_length:
         detail = f"prompt has {length} tokens > largest bucket {max_length}"
         log.warning("skipping record %s: prompt_too_long (%s)", example.example_id, detail)
@@ -115,7 +128,7 @@ def prepare(example: CaptionExample | Skipped, processor: Processor, max_length:
 
 
 def _decode_and_prepare(record, processor: Processor, config: PipelineConfig) -> Prepared | Skipped:
-    return prepare(decode_record(record, config.image_limits), processor, config.buckets[-1])
+    return prepare(decode_record(record, config.image_limits), processor, config.buckets[-1], tuple(config.pad_values))
 
 
 def make_dataset(

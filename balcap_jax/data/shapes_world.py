@@ -245,8 +245,9 @@ def canonical_relations(scene: SceneGraph) -> list[tuple[SceneObject, str, Scene
     return out
 
 
-Fact = tuple  # ("object", colour, shape) | ("size", colour, shape, size) | ("region", colour, shape, region)
-#              | ("relation", (colour, shape), relation, (colour, shape)) | ("count", n)
+# A fact is a tuple: ("object", colour, shape) | ("size", colour, shape, size) | ("region", colour, shape, region)
+# | ("relation", (colour, shape), relation, (colour, shape)) | ("count", n).
+Fact = tuple
 
 
 def scene_facts(scene: SceneGraph, include_relations: bool = True) -> list[Fact]:
@@ -402,8 +403,23 @@ def multiple_choice_questions(
                                             "yes" if holds else "no",
                                             {"kind": "relation", "subject": [a.colour, a.shape], "relation": rel,
                                              "object": [b.colour, b.shape]}, rng))
-    picked = rng.permutation(len(candidates))[:num_questions]
-    return [candidates[int(k)] for k in sorted(picked)]
+    return _balanced_pick(candidates, num_questions, rng)
+
+
+def _balanced_pick(candidates: list[dict[str, Any]], count: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Up to `count` distinct questions, taking kinds in turn (in a random order) so that the many relation
+    questions of a busy scene do not crowd out the others."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for q in candidates:
+        by_kind.setdefault(q["query"]["kind"], []).append(q)
+    pools = [[pool[int(k)] for k in rng.permutation(len(pool))] for pool in by_kind.values()]
+    pools = [pools[int(k)] for k in rng.permutation(len(pools))]
+    picked: list[dict[str, Any]] = []
+    while len(picked) < count and any(pools):
+        for pool in pools:
+            if pool and len(picked) < count:
+                picked.append(pool.pop())
+    return picked
 
 
 # ----------------------------------------------------------------------------------------------------------

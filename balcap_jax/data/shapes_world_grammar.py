@@ -26,7 +26,9 @@ object, unless the phrase has no colour; a definite noun phrase identifies by ev
 
 Grammar rules (each sentence is grammatical iff it breaks none; `SentenceReport.violations` names them):
   G1 every word is in the ShapesWorld lexicon;
-  G2 every clause contributes a claim (no fragments, no dangling region or relation);
+  G2 every clause contributes a claim (no fragments, no dangling region or relation); a clause that is only a
+     definite noun phrase ("The red circle, which is small, ...") contributes by naming the next clauses'
+     subject, and a pronoun clause ("It is small.") takes the previous subject;
   G3 a singular noun phrase has a determiner, and "a"/"an" agrees with the next word's first letter;
   G4 at most one size and one colour adjective per noun phrase, size before colour;
   G5 no word is immediately repeated;
@@ -376,7 +378,7 @@ def _clause_claims(clause: _Clause, state: _CaptionState, text: str, first_in_se
                    ) -> tuple[list[Claim], bool, list[str]]:
     """Claims of one clause, whether it contributed, and grammar violations of its noun phrases."""
     violations = []
-    for pos, item in enumerate(clause.items):
+    for item in clause.items:
         if item[0] == "np" or (item[0] == "rel" and item[2] is not None):
             np_ = item[1] if item[0] == "np" else item[2]
             violations += _np_violations(np_)
@@ -386,7 +388,8 @@ def _clause_claims(clause: _Clause, state: _CaptionState, text: str, first_in_se
     nps = [(k, it[1]) for k, it in enumerate(clause.items) if it[0] == "np"]
     singular = [(k, n) for k, n in nps if not n.plural and not n.is_count]
     regions_only = all(it[0] == "region" for it in clause.items) and clause.items
-    if regions_only and not singular and first_in_sentence and not clause.unknown:
+    fronted_region = regions_only and first_in_sentence and not clause.unknown and clause.items[-1][1] is not None
+    if fronted_region:
         state.pending_region = clause.items[-1][1]
         return [], True, violations  # contributes once the next noun phrase takes the region
 
@@ -410,7 +413,7 @@ def _clause_claims(clause: _Clause, state: _CaptionState, text: str, first_in_se
         else:
             ident = np_.identity()
             if not np_.definite:
-                claims.append(Claim("exists", Mention(ident.colour, ident.shape, ident.size)))
+                claims.append(Claim("exists", ident))
                 if np_.sizes and ident.size is None:
                     claims.append(Claim("size", ident, np_.sizes[0]))
             if state.pending_region is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -76,6 +77,9 @@ class ManifestCaptions(tfds.core.GeneratorBasedBuilder):
         file_format: str = "array_record",
         **kwargs: Any,
     ):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
+            raise ValueError(f"ManifestCaptions.name must be letters, digits, '_', '.', '-' (it names a folder); "
+                             f"got {name!r}")
         if not manifests:
             raise ValueError("ManifestCaptions.manifests must map at least one split name to a JSONL path")
         for split, path in manifests.items():
@@ -128,12 +132,36 @@ def open_split(data_dir: str, name: str, split: str, version: str = "1.0.0"):
     return tfds.builder_from_directory(builder_dir).as_data_source(split=split)
 
 
+def manifest_fingerprint(manifests: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Path, size and modification time of each split's manifest (cheap, and changes with any edit)."""
+    out = {}
+    for split, path in sorted(manifests.items()):
+        stat = os.stat(path)
+        out[split] = {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return out
+
+
 def prepare_manifest_dataset(data_dir: str, name: str, manifests: Mapping[str, str],
                              limits: ImageLimits = ImageLimits()) -> ManifestCaptions:
-    """Build (or reuse, if already prepared) the array_record dataset of `manifests`. When records were skipped,
-    the report is also written next to the records as skipped_records.json ({counts, records})."""
+    """Build the array_record dataset of `manifests`, or reuse it when it was built from the same manifest files
+    (same paths, sizes and modification times; otherwise it is rebuilt, with a log line). When records were
+    skipped, the report is written next to the records as skipped_records.json ({counts, records})."""
     builder = ManifestCaptions(name=name, manifests=manifests, data_dir=data_dir, limits=limits)
-    builder.download_and_prepare()
+    fingerprint = manifest_fingerprint(manifests)
+    stamp_path = os.path.join(builder.data_dir, "manifest_fingerprint.json")
+    download_config = None
+    if os.path.isfile(os.path.join(builder.data_dir, "dataset_info.json")):
+        previous = None
+        if os.path.isfile(stamp_path):
+            with open(stamp_path, encoding="utf-8") as f:
+                previous = json.load(f)
+        if previous != fingerprint:
+            log.warning("rebuilding %s: its manifests changed since it was built", builder.data_dir)
+            download_config = tfds.download.DownloadConfig(
+                download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD)
+    builder.download_and_prepare(download_config=download_config)
+    with open(stamp_path, "w", encoding="utf-8") as f:
+        json.dump(fingerprint, f, indent=1)
     if builder.skip_tally.total:
         report = {"counts": dict(builder.skip_tally.counts), "records": builder.skip_tally.records}
         with open(os.path.join(builder.data_dir, "skipped_records.json"), "w", encoding="utf-8") as f:

@@ -440,7 +440,7 @@ def load_hf_state(
     mapping: ParamMapping = ParamMapping(),
     *,
     default_sharding: Sharding | None = None,
-    max_workers: int = 4,
+    max_workers: int = 1,
 ) -> Any:
     """Loads a local HF checkpoint into a pytree shaped like `abstract_state`.
 
@@ -449,8 +449,8 @@ def load_hf_state(
       without one go to `default_sharding` (default: the first device).
     Checkpoint floats are cast to each leaf's dtype (bf16 checkpoints into fp32 models and back).
     Raises HFWeightsError listing missing/unexpected keys, shape and dtype mismatches before reading any data.
-    max_workers tensors are read concurrently (disk reads and numpy copies release the GIL); host memory
-    holds at most that many tensors' worth of slices at a time.
+    max_workers > 1 reads that many tensors concurrently (may help cold reads from network filesystems; on a
+    busy 2-core machine it was slower than 1, hence the default).
     """
     reader = SafetensorsDirectory(directory)
     plans = {plan.name: plan for plan in _plan(reader, abstract_state, mapping)}
@@ -474,6 +474,18 @@ def _to_host(x: Any) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+def _export_one(array: Any, transform: Transform, out_dtype: np.dtype | None) -> np.ndarray:
+    """One of our parameters in HF layout and `out_dtype`, on the host (collective in multi-process runs)."""
+    axes = transform.axes_for(len(array.shape))
+    if isinstance(array, jax.Array) and axes is not None:
+        hf_sharding = _hf_layout_sharding(array.sharding, axes)
+        if hf_sharding is not None:  # permute (and cast) on device: local to each shard, fast
+            inverse = tuple(int(a) for a in np.argsort(axes))
+            return _to_host(_device_transpose(inverse, out_dtype or np.dtype(array.dtype), hf_sharding)(array))
+    hf = np.asarray(transform.to_hf(_to_host(array)))
+    return hf.astype(out_dtype) if out_dtype is not None else hf
 
 
 def _parse_size(size: int | str) -> int:
@@ -564,12 +576,13 @@ def save_hf_state(
         filename = SINGLE_FILE if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
         for name in group:
-            ours = _to_host(arrays[name])
             key = hf_keys[name]
-            hf = np.asarray(mapping.transform(name, key).to_hf(ours))
-            if hf.size != ours.size:
-                raise HFWeightsError(f"{key!r}: the to_hf transform changed the element count ({ours.shape} -> {hf.shape})")
-            tensors[key] = hf.astype(out_dtype) if out_dtype is not None else hf
+            hf = _export_one(arrays[name], mapping.transform(name, key), out_dtype)
+            if hf.size != math.prod(arrays[name].shape):
+                raise HFWeightsError(
+                    f"{key!r}: the to_hf transform changed the element count ({arrays[name].shape} -> {hf.shape})"
+                )
+            tensors[key] = hf
             weight_map[key] = filename
             total += tensors[key].nbytes
         if writer:

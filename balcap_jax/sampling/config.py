@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from balcap_jax.sampling.strategies import STRATEGIES, Greedy, Strategy
 
-DEFAULT_PROMPT_BUCKETS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_PROMPT_BUCKETS: tuple[int, ...] = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
 @dataclasses.dataclass(frozen=True)

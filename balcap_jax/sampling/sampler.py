@@ -6,10 +6,11 @@ Two compiled stages, both pure functions of the policy state (`nnx.split` at the
      once per prompt (P rows, bucket length T) into a KV cache of exactly T slots, computes the next-token logits
      from the last column, then tiles cache, logits and start positions G times (prompt-major rows) and extends
      the cache by T_new - 1 empty slots for the completion. The G samples of a prompt never re-run its image.
-  2. `decode(state, start, key) -> Rollout`: samples column 0 from the prefill logits, then each loop iteration
-     decodes the previous token (writing one cache slot for all rows) and samples the next column. The loop
-     stops at `max_new_tokens` or as soon as every row has emitted an EOS id. `start` (the KV cache, the
-     largest buffer) is donated, so the loop updates the cache in place.
+  2. `decode(state, cache, logits, start_positions, key) -> (Rollout, cache)`: samples column 0 from the prefill
+     logits, then each loop iteration decodes the previous token (writing one cache slot for all rows) and
+     samples the next column: T_new - 1 decode steps for T_new tokens. The loop stops at `max_new_tokens` or as
+     soon as every row has emitted an EOS id. The KV cache (the largest buffer) is donated and returned, so the
+     loop updates it in place and decode holds one cache, never two.
 
 Both stages are compiled ahead of time by `CountingJit`, keyed on the static `SamplerConfig` and the input
 shapes; `compiled_variants` exposes how many programs exist (one pair per prompt bucket in steady state).

@@ -176,6 +176,8 @@ def test_processor_contract_violation_is_a_clear_error():
         prepare(example, lambda e: {"tokens": np.zeros(3, np.int32)}, 16)
     with pytest.raises(ValueError, match="1-D integer"):
         prepare(example, lambda e: {"input_ids": np.zeros((1, 3), np.int32)}, 16)
+    with pytest.raises(ValueError, match="'positions'"):
+        prepare(example, lambda e: {"input_ids": np.zeros(3, np.int32), "positions": np.zeros((3, 4))}, 16)
 
 
 @pytest.mark.parametrize(

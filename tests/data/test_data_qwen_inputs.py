@@ -9,12 +9,12 @@ from balcap_jax.data.pipeline import PipelineConfig, make_dataset
 from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
 from balcap_jax.data.shapes_world_records import write_shapes_world_manifests
 from balcap_jax.data.tfds_builder import open_split, prepare_manifest_dataset
-from balcap_jax.models.qwen2_5_vl.processor import IMAGE_TOKEN_ID, ImageProcessorConfig, load_tokenizer
+from balcap_jax.models.qwen2_5_vl.processor import IMAGE_TOKEN_ID, ImageProcessorConfig
 from balcap_jax.models.qwen2_5_vl.rope_index import get_rope_index
 
 
 @pytest.fixture(scope="module")
-def batches(tmp_path_factory):
+def batches(tmp_path_factory, qwen_tokenizer):
     root = tmp_path_factory.mktemp("qwen_inputs")
     # Two image sizes, so prompts differ in length and rows get different amounts of left padding.
     small = write_shapes_world_manifests(str(root / "a"), seed=0, split_sizes={"train": 3},
@@ -23,7 +23,7 @@ def batches(tmp_path_factory):
     manifest = root / "mixed.jsonl"
     manifest.write_text(open(small["train"]).read() + open(large["train"]).read())
     prepare_manifest_dataset(str(root / "tfds"), "mixed", {"train": str(manifest)})
-    processor = QwenCaptionProcessor(load_tokenizer(), image_config=ImageProcessorConfig(max_pixels=112 * 112))
+    processor = QwenCaptionProcessor(qwen_tokenizer, image_config=ImageProcessorConfig(max_pixels=112 * 112))
     config = PipelineConfig(batch_size=6, buckets=(64, 128), num_epochs=1, num_threads=1, pad_id=processor.pad_id,
                             concat_keys=QWEN_CONCAT_KEYS)
     return list(make_dataset(open_split(str(root / "tfds"), "mixed", "train"), processor, config))

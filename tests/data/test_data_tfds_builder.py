@@ -83,6 +83,9 @@ def test_open_split_and_builder_errors(tmp_path):
         ManifestCaptions(name="x", manifests={"train": str(tmp_path / "absent.jsonl")}, data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="at least one split"):
         ManifestCaptions(name="x", manifests={}, data_dir=str(tmp_path))
+    for bad_name in ("", "a/b", "a b", "../up"):
+        with pytest.raises(ValueError, match="ManifestCaptions.name"):
+            ManifestCaptions(name=bad_name, manifests={"train": __file__}, data_dir=str(tmp_path))
 
 
 def test_shapes_world_dataset_keeps_scene_graphs_and_questions(tmp_path):
@@ -114,3 +117,18 @@ def test_prepare_shapes_world_names_worlds_by_their_spec_and_reuses_them(tmp_pat
     assert prepare_shapes_world(str(tmp_path), seed=1, split_sizes={"train": 4}, config=small) != name
     assert prepare_shapes_world(str(tmp_path), seed=0, split_sizes={"train": 4}) != name
     assert len(open_split(str(tmp_path), name, "train")) == 4
+
+
+def test_a_changed_manifest_is_rebuilt_and_an_unchanged_one_reused(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(M.write_manifest_line("a", ["A."], image_bytes=jpeg((1, 2, 3))) + "\n")
+    data_dir = str(tmp_path / "tfds")
+    prepare_manifest_dataset(data_dir, "grow", {"train": str(manifest)})
+    info = tmp_path / "tfds" / "manifest_captions" / "grow" / "1.0.0" / "dataset_info.json"
+    stamp = info.stat().st_mtime_ns
+    prepare_manifest_dataset(data_dir, "grow", {"train": str(manifest)})
+    assert info.stat().st_mtime_ns == stamp  # reused
+    with manifest.open("a") as f:
+        f.write(M.write_manifest_line("b", ["B."], image_bytes=jpeg((4, 5, 6))) + "\n")
+    prepare_manifest_dataset(data_dir, "grow", {"train": str(manifest)})
+    assert len(open_split(data_dir, "grow", "train")) == 2

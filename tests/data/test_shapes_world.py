@@ -106,11 +106,21 @@ def test_references_mention_every_object_and_vary():
     assert len(families) >= 3
 
 
+def test_questions_cover_every_kind_in_balance():
+    config = W.WorldConfig(min_objects=5, max_objects=5)
+    kinds = [q["query"]["kind"] for i in range(20) for q in W.generate_example(9, i, config).questions]
+    assert len(kinds) == 20 * 8
+    counts = {k: kinds.count(k) for k in set(kinds)}
+    assert set(counts) == {"count", "colour", "size", "region", "exists", "relation"}
+    assert max(counts.values()) <= 2 * 20 and counts["count"] == 20  # at most one count question per image
+
+
 def test_questions_have_valid_answers_consistent_with_the_scene():
     for i in range(30):
         example = W.generate_example(6, i)
         scene = example.scene
-        assert len(example.questions) == min(8, len(example.questions)) and example.questions
+        assert 1 <= len(example.questions) <= 8
+        assert len({q["question"] for q in example.questions}) == len(example.questions)
         for q in example.questions:
             truth = q["choices"][q["answer"]]
             query = q["query"]

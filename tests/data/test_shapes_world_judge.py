@@ -81,6 +81,17 @@ def test_generic_mentions_earn_no_credit():
     assert values(J.ShapesWorldPrecision(), ["There are three objects."]) == [1.0]  # counts are about the image
 
 
+def test_paraphrases_and_zero_counts_earn_nothing():
+    padded = ("There is a small red circle in the top left. The circle is red. The red circle is red. "
+              "The red circle is to the left of the blue square. The blue square is to the right of the red circle.")
+    (s,) = score(J.ShapesWorldPrecision(), [padded + " There is a black star."])
+    counted = [c for c in s.record["claims"] if not c["duplicate"]]
+    assert [c["claim"] for c in s.record["claims"] if c["duplicate"]] == [
+        "the circle is red", "the red circle is red", "the blue square is right of the red circle"]
+    assert s.value == pytest.approx(4 / 5) and len(counted) == 5
+    assert values(J.ShapesWorldPrecision(), ["There are zero black stars. There are no pink ovals."]) == [0.0]
+
+
 def test_ambiguous_mentions_do_not_cover_facts():
     two_circles = W.SceneGraph(
         (W.SceneObject("circle", "red", "small", 0, 0, (18.0, 18.0), 8.0),

@@ -194,3 +194,8 @@ def test_get_field_and_schema_description():
 def test_allowed_values_agree_with_the_modules_that_use_them():
     losses = pytest.importorskip("balcap_jax.rl.losses")
     assert tuple(losses.AGGREGATIONS) == cfg.LOSS_AGGREGATIONS
+
+
+def test_model_names_agree_with_the_registry():
+    registry = pytest.importorskip("balcap_jax.models.registry")
+    assert sorted(registry.names()) == sorted(cfg.MODEL_NAMES)

@@ -276,3 +276,22 @@ def test_shard_groups_respect_max_size():
     assert hf_io._parse_size("5GB") == 5 * 10**9 and hf_io._parse_size(123) == 123
     with pytest.raises(ValueError, match="max_shard_size"):
         hf_io._parse_size("lots")
+
+
+@pytest.mark.parametrize("max_workers", [1, 3])
+def test_conv_kernels_load_and_export_sharded_through_device_transposes(tmp_path, max_workers):
+    """4-D kernels take the on-device transpose path: every layout must equal numpy's transpose exactly."""
+    rng = np.random.default_rng(0)
+    weights = {f"convs.{i}.weight": rng.standard_normal((8, 4, 3, 2)).astype(ml_dtypes.bfloat16) for i in range(3)}
+    directory = _save(tmp_path / "ckpt", weights)
+    mesh = make_mesh((2, 2, 2))
+    abstract = {"convs": {str(i): {"kernel": jax.ShapeDtypeStruct((3, 2, 4, 8), jnp.float32)} for i in range(3)}}
+    specs = {"convs": {"0": {"kernel": P(None, None, "fsdp", "tensor")}, "1": {"kernel": P(None, "data", None, ("fsdp", "tensor"))}, "2": {"kernel": P()}}}
+    state = hf_io.load_hf_state(directory, abstract_with_shardings(abstract, specs, mesh), max_workers=max_workers)
+    for i in range(3):
+        loaded = state["convs"][str(i)]["kernel"]
+        assert loaded.sharding.spec == specs["convs"][str(i)]["kernel"]
+        np.testing.assert_array_equal(np.asarray(loaded), weights[f"convs.{i}.weight"].astype(np.float32).transpose(2, 3, 1, 0))
+    hf_io.save_hf_state(state, tmp_path / "out", dtype=jnp.bfloat16)
+    for key, value in hf_io.iter_hf_tensors(tmp_path / "out"):
+        np.testing.assert_array_equal(value, weights[key])

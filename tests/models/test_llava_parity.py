@@ -223,9 +223,14 @@ def long_padded_batch(pixels) -> dict:
     return processor.make_batch(rows, pixels, cfg, pad_id=0, padding_side="left")
 
 
-def test_full_logits_match_with_images_long_prompt_and_left_padding(hf_model, ours, long_padded_batch,
+@pytest.fixture(scope="module")
+def hf_long_logits(hf_model, long_padded_batch) -> np.ndarray:
+    return _hf_logits(hf_model, long_padded_batch)
+
+
+def test_full_logits_match_with_images_long_prompt_and_left_padding(hf_long_logits, ours, long_padded_batch,
                                                                     highest_precision):
-    expected = _hf_logits(hf_model, long_padded_batch)
+    expected = hf_long_logits
     got = _our_logits(ours, long_padded_batch)
     mask = long_padded_batch["attention_mask"]
     assert got.shape == expected.shape == (2, 530, VOCAB) and got.dtype == np.float32
@@ -280,13 +285,41 @@ def test_prefill_then_decode_equals_full_forward(ours, pixels, highest_precision
     assert int(cache.index) == 40 + steps
 
 
+def test_bf16_compute_stays_close_to_fp32_reference(hf_long_logits, hf_dir, long_padded_batch):
+    """bf16 weights and activations: logits stay fp32 and within bf16 rounding of the fp32 reference."""
+    model = llava_params.load_llava(hf_dir, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    expected = hf_long_logits
+    got = _our_logits(model, long_padded_batch)
+    mask = long_padded_batch["attention_mask"]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got[mask], expected[mask], atol=0.2, rtol=0)
+    assert (got[mask].argmax(-1) == expected[mask].argmax(-1)).mean() > 0.95
+
+
+def test_gradients_reach_the_used_vision_layers_and_skip_the_unused_top(ours, pixels):
+    """Feature layer -2 of a 3-layer tower: layers 0-1 learn, layer 2 and post_layernorm get exact zeros."""
+    rng = np.random.default_rng(6)
+    batch = processor.make_batch([_prompt(rng, 24, [2], 16)], pixels[:1], ours.config, pad_id=0)
+
+    def loss(model, batch):
+        return jnp.mean(model(batch)[:, -1] ** 2)
+
+    grads = nnx.jit(nnx.grad(loss))(ours, jax.tree.map(jnp.asarray, batch))
+    tower = grads["model"]["vision_tower"]
+    assert float(jnp.abs(tower["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"][...]).max()) > 0
+    assert float(jnp.abs(tower["embeddings"]["patch_embedding"]["kernel"][...]).max()) > 0
+    unused = [tower["encoder"]["layers"][2], tower["post_layernorm"]]
+    assert all(float(jnp.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(unused))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Weights in and out
 # ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("layout", ["llava-hf", "transformers5"])
-def test_round_trip_hf_ours_hf_gives_identical_logits(hf_model, ours, long_padded_batch, tmp_path, layout):
+def test_round_trip_hf_ours_hf_gives_identical_logits(hf_model, hf_long_logits, ours, long_padded_batch, tmp_path,
+                                                      layout):
     llava_params.save_llava(ours, tmp_path, layout=layout)
     keys = [key for key, _ in iter_hf_tensors(tmp_path)]
     if layout == "llava-hf":
@@ -299,7 +332,7 @@ def test_round_trip_hf_ours_hf_gives_identical_logits(hf_model, ours, long_padde
     original = hf_model.state_dict()
     for name, tensor in reloaded.state_dict().items():
         torch.testing.assert_close(tensor, original[name], atol=0, rtol=0, msg=name)
-    expected = _hf_logits(hf_model, long_padded_batch)
+    expected = hf_long_logits
     got = _hf_logits(reloaded, long_padded_batch)
     mask = long_padded_batch["attention_mask"]
     np.testing.assert_allclose(got[mask], expected[mask], atol=1e-5, rtol=0)
@@ -337,3 +370,17 @@ def test_loader_names_the_offending_keys(hf_dir, tmp_path):
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
     with pytest.raises(HFWeightsError, match=r"missing.*model\.vision_tower\.encoder\.layers\.1\.mlp\.fc2\.bias"):
         llava_params.load_llava(tmp_path)
+
+
+def test_parity_check_on_a_checkpoint_directory(hf_dir):
+    """The user-facing check (`models.llava.parity.check_llava`, the LLaVA half of `tools.parity`)."""
+    from balcap_jax.models.llava.parity import build_batch, check_llava
+
+    config = LlavaConfig.from_hf_dict(_hf_config().to_dict())
+    batch = build_batch(config, prompt_tokens=64)
+    assert batch["vision"]["pixel_values"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert (batch["input_ids"] == IMAGE_TOKEN).sum() == 4 * 16
+    assert not batch["attention_mask"][2].all()  # the text-only row is left padded
+    report = check_llava(str(hf_dir), prompt_tokens=64)
+    assert report.num_tokens == int(batch["attention_mask"].sum())
+    assert report.ok(logit_tol=LOGIT_TOL, kl_tol=1e-6), str(report)

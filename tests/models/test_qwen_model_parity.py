@@ -135,3 +135,38 @@ def test_output_embedding_and_logits_agree(models):
     assert logits.dtype == jnp.float32 and logits.shape == (3, fx.TINY_VOCAB)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(hidden @ model.output_embedding()), atol=1e-5)
     assert isinstance(model, Qwen2_5_VL)
+
+
+def test_bf16_model_and_cache_track_fp32():
+    """bf16 weights, activations and KV cache (the production setting) stay close to the fp32 logits."""
+    hf_model, ours32 = _build(False)
+    config = ours32.config
+    ours16 = fx.load_hf_into(params.abstract_model(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+                             fx.hf_state_numpy(hf_model))  # fmt: skip
+    batch = parity.build_batch(config, seed=6, prompt_tokens=64, image_grids=GRIDS[:2])
+    inputs = make_inputs(config, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw)
+    b, t = batch.input_ids.shape
+    spec = config.text.cache_spec()
+
+    def run(model, cache_dtype):
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def step(state, inputs):
+            m = nnx.merge(graphdef, state)
+            cache = KVCache.zeros(num_layers=spec.num_layers, batch=b, max_len=t + 1, num_kv_heads=spec.num_kv_heads,
+                                  head_dim=spec.head_dim, dtype=cache_dtype)  # fmt: skip
+            hidden, cache = m.prefill(inputs, cache)
+            positions = next_text_positions(inputs["positions"], inputs["attention_mask"])
+            step_hidden, cache = m.decode(inputs["input_ids"][:, -1], positions, cache)
+            return m.logits(hidden), m.logits(step_hidden), cache.k
+
+        return step(state, inputs)
+
+    prompt32, step32, _ = run(ours32, jnp.float32)
+    prompt16, step16, cache_k = run(ours16, jnp.bfloat16)
+    assert prompt16.dtype == jnp.float32 and cache_k.dtype == jnp.bfloat16
+    mask = batch.attention_mask
+    scale = float(np.abs(np.asarray(prompt32)[mask]).max())
+    assert np.abs(np.asarray(prompt16) - np.asarray(prompt32))[mask].max() <= 0.1 * scale
+    assert np.abs(np.asarray(step16) - np.asarray(step32)).max() <= 0.1 * scale

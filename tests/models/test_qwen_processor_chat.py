@@ -50,6 +50,18 @@ def test_caption_prompt_layout():
     )  # fmt: skip
     assert chat == "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
                    "<|im_start|>assistant\nhello<|im_end|>\n"  # fmt: skip
+    two_turns = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": [{"image": "b.png"}, {"text": "And this?"}]},
+    ]
+    labelled = processor.format_chat(two_turns, add_vision_id=True, system_prompt=None)
+    assert labelled == (
+        "<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n"
+        "<|im_start|>assistant\nA cat.<|im_end|>\n"
+        "<|im_start|>user\nPicture 2: <|vision_start|><|image_pad|><|vision_end|>And this?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     with pytest.raises(ValueError, match="role"):
         processor.format_chat([{"role": "tool", "content": "x"}])
     with pytest.raises(ValueError, match="neither an image nor text"):

@@ -8,6 +8,7 @@ import torch
 from flax import nnx
 
 from balcap_jax.models.interface import KVCache
+from balcap_jax.models.layers import causal_mask, mrope_cos_sin, rope_inv_freq
 from balcap_jax.models.qwen2_5_vl.text import DecoderConfig, DecoderLayer, TextModel
 from tests.models import qwen_fixtures as fx
 
@@ -103,12 +104,14 @@ def test_decoder_layer_matches_hf(hf_model, hf_state, decoder_config):
     layer = fx.load_hf_into(
         DecoderLayer(decoder_config, rngs=nnx.Rngs(0)), hf_state, "model.language_model.layers.0."
     )
-    text = TextModel(decoder_config, rngs=nnx.Rngs(0))
-    our_cos, our_sin = text.rotary(jnp.asarray(positions))
+    our_cos, our_sin = mrope_cos_sin(
+        jnp.asarray(positions), rope_inv_freq(decoder_config.head_dim, decoder_config.rope_theta),
+        decoder_config.mrope_section,
+    )
     slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-    from balcap_jax.models.layers import causal_mask
-
-    ours, _ = layer(jnp.asarray(x), our_cos, our_sin, causal_mask(slots, jnp.asarray(attention_mask)))
+    ours, _ = nnx.jit(lambda lyr, *a: lyr(*a))(
+        layer, jnp.asarray(x), our_cos, our_sin, causal_mask(slots, jnp.asarray(attention_mask))
+    )
     np.testing.assert_allclose(np.asarray(ours)[attention_mask], expected[attention_mask], atol=1e-4)
 
 
@@ -157,7 +160,9 @@ def test_prefill_then_decode_equals_full_forward(hf_state, decoder_config):
     next_pos = positions[:, :, prompt_len - 1].max(axis=0) + 1
     for i in range(new_tokens):
         full_positions[:, :, prompt_len + i] = next_pos + i
-    full = np.asarray(model(model.embed(jnp.asarray(ids)), jnp.asarray(full_positions), jnp.asarray(attention_mask)))
+    full = np.asarray(nnx.jit(lambda m, i, p, a: m(m.embed(i), p, a))(
+        model, jnp.asarray(ids), jnp.asarray(full_positions), jnp.asarray(attention_mask)
+    ))
 
     spec = decoder_config.cache_spec()
     cache = KVCache.zeros(num_layers=spec.num_layers, batch=b, max_len=max_len, num_kv_heads=spec.num_kv_heads,
@@ -190,7 +195,45 @@ def test_remat_forward_and_grad_match(hf_state, decoder_config):
 
     plain = _our_text_model(decoder_config, hf_state)
     remat = _our_text_model(decoder_config, hf_state, remat=True)
-    g_plain = nnx.grad(loss)(plain)
-    g_remat = nnx.grad(loss)(remat)
+    g_plain = nnx.jit(nnx.grad(loss))(plain)
+    g_remat = nnx.jit(nnx.grad(loss))(remat)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), nnx.to_pure_dict(g_plain),
                  nnx.to_pure_dict(g_remat))
+
+
+def test_llama_decoder_matches_hf_llama_model():
+    """The same TextModel with 1-D RoPE, no q/k/v bias and Llama's config spelling (LLaVA's decoder)."""
+    import transformers
+
+    from balcap_jax.models import hf_io
+    from balcap_jax.models.qwen2_5_vl.params import from_hf_tensors
+
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    hf_config._attn_implementation = "eager"
+    hf_llama = transformers.LlamaModel(hf_config).eval()
+    with torch.no_grad():
+        for param in hf_llama.parameters():
+            param.copy_(param + 0.05 * torch.randn_like(param))
+    config = DecoderConfig.from_hf(hf_config.to_dict())
+    assert not config.uses_mrope and not config.qkv_bias
+    model = from_hf_tensors(nnx.eval_shape(lambda: TextModel(config, rngs=nnx.Rngs(0))),
+                            fx.hf_state_numpy(hf_llama), hf_io.ParamMapping())  # fmt: skip
+
+    rng = np.random.default_rng(4)
+    ids = rng.integers(3, 128, size=(2, 300))
+    mask = np.ones((2, 300), bool)
+    mask[1, :30] = False
+    positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        expected = hf_llama(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask).long(),
+                            position_ids=torch.from_numpy(positions)).last_hidden_state.numpy()  # fmt: skip
+    ours = nnx.jit(lambda m, i, p, a: m(m.embed(i), p, a))(model, jnp.asarray(ids), jnp.asarray(positions),
+                                                           jnp.asarray(mask))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(ours)[mask], expected[mask], atol=1e-4)
+    with pytest.raises(ValueError, match="1-D RoPE"):
+        model.rotary(jnp.zeros((3, 2, 5), jnp.int32))

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 import torch
 
 from balcap_jax.models.qwen2_5_vl.rope_index import get_rope_index, image_token_count, text_positions
@@ -128,3 +129,24 @@ def test_split_image_run_is_a_clear_error():
 
 def test_image_token_count():
     np.testing.assert_array_equal(image_token_count(np.array([[1, 4, 6], [2, 2, 2]]), 2), [6, 2])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_layouts_match_hf(hf_model, data):
+    """Random rows (0-3 images of random even grids, random text runs, left or right padding) vs HF."""
+    n_rows = data.draw(st.integers(1, 3))
+    side = data.draw(st.sampled_from(["left", "right"]))
+    grid = st.tuples(st.just(1), st.integers(1, 5).map(lambda v: 2 * v), st.integers(1, 5).map(lambda v: 2 * v))
+    row_grids = [data.draw(st.lists(grid, max_size=3)) for _ in range(n_rows)]
+    if not any(row_grids):
+        row_grids[0] = [(1, 2, 2)]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    rows = [_row(rng, grids, rng.integers(0, 12, size=len(grids) + 1) + (0 if grids else 1)) for grids in row_grids]
+    ids, mask = _pad_batch(rows, [side] * n_rows)
+    grids = [g for gs in row_grids for g in gs]
+    expected_pos, expected_delta = _hf_rope_index(hf_model, ids, mask, grids)
+    positions, deltas = get_rope_index(ids, mask, np.asarray(grids), image_token_id=fx.IMAGE_TOKEN_ID,
+                                       spatial_merge_size=MERGE)  # fmt: skip
+    np.testing.assert_array_equal(positions[:, mask], expected_pos[:, mask])
+    np.testing.assert_array_equal(deltas, expected_delta)

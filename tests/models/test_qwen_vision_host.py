@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
@@ -30,6 +32,24 @@ def test_window_layout_matches_hf(grid):
     np.testing.assert_array_equal(layout.window_index, ref_index.numpy())
     cu = np.concatenate([[0], np.cumsum(layout.window_lengths * 4)])
     np.testing.assert_array_equal(cu, ref_cu.numpy())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 2), st.integers(1, 40), st.integers(1, 40)).map(lambda g: (g[0], 2 * g[1], 2 * g[2])),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_window_layout_and_positions_match_hf_on_random_grids(grids):
+    grid = np.array(grids, dtype=np.int64)
+    ref_index, ref_cu = get_vision_window_index(torch.from_numpy(grid), 2, 112, 14)
+    layout = vision_host.window_layout(grid, spatial_merge_size=2, window_size=112, patch_size=14)
+    np.testing.assert_array_equal(layout.window_index, ref_index.numpy())
+    np.testing.assert_array_equal(np.concatenate([[0], np.cumsum(layout.window_lengths * 4)]), ref_cu.numpy())
+    ref_positions = get_vision_position_ids(torch.from_numpy(grid), 2).numpy()
+    np.testing.assert_array_equal(vision_host.merge_order_positions(grid, 2), ref_positions)
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)

@@ -45,6 +45,7 @@ class ServerSpec:
     first_attempt_fault: str | None = None
     timeout_sleep_s: float = 2.0  # "timeout" faults sleep this long (longer than the client's timeout)
     slow_sleep_s: float = 0.05  # "slow" faults answer correctly after this delay
+    retry_after_s: float = 0.0  # the Retry-After header of "http_429" faults
     seed: int = 0
 
 
@@ -173,7 +174,7 @@ class FakeOpenAIServer:
             self._write(writer, 500, b'{"error": "injected"}')
             return True
         if fault == "http_429":
-            self._write(writer, 429, b'{"error": "slow down"}', {"Retry-After": "0"})
+            self._write(writer, 429, b'{"error": "slow down"}', {"Retry-After": str(self.spec.retry_after_s)})
             return True
         if fault == "malformed_json":
             self._write(writer, 200, b'{"choices": [{"message": {"content": "tru')
@@ -183,10 +184,16 @@ class FakeOpenAIServer:
             return True
         if fault == "slow":
             await asyncio.sleep(self.spec.slow_sleep_s)
-        text = "I am not sure what you mean." if fault == "garbage_text" else self.responder(request_from_body(body))
-        if "prompt" in body:
-            payload = {"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": "stop"}]}
+        if "prompt" in body:  # a list of prompts is a batched request: answer each, choices in reverse order
+            prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+            texts = [
+                "I am not sure what you mean." if fault == "garbage_text" else self.responder(request_from_body({"prompt": p}))
+                for p in prompts
+            ]
+            choices = [{"index": i, "text": t, "finish_reason": "stop"} for i, t in enumerate(texts)][::-1]
+            payload = {"object": "text_completion", "choices": choices}
         else:
+            text = "I am not sure what you mean." if fault == "garbage_text" else self.responder(request_from_body(body))
             message = {"role": "assistant", "content": text}
             payload = {"object": "chat.completion", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
         self._write(writer, 200, json.dumps(payload | {"model": body.get("model", "")}).encode())

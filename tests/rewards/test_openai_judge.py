@@ -74,6 +74,12 @@ def test_permanent_faults_give_up_after_max_attempts(fake_server, fault):
     assert server.http_requests == 3 and judge.stats.failures == 1
 
 
+def test_retry_after_is_honoured(fake_server):
+    server = fake_server(ServerSpec(first_attempt_fault="http_429", retry_after_s=0.3))
+    [reply] = ask(judge_for(server.base_url))
+    assert reply.text == EXPECTED and reply.attempts == 2 and reply.latency_s >= 0.3
+
+
 def test_client_errors_are_not_retried(fake_server):
     server = fake_server(ServerSpec(forced_fault="http_400"))
     [result] = ask(judge_for(server.base_url))
@@ -147,3 +153,22 @@ def test_config_validation_names_the_field():
         OpenAICompatibleConfig(model="m", base_urls=("http://h/v1",), max_concurrency=0)
     with pytest.raises(ValueError, match="api must be"):
         OpenAICompatibleConfig(model="m", base_urls=("http://h/v1",), api="responses")
+
+
+def test_completions_batching_groups_prompts_and_maps_answers_back(fake_server, tmp_path):
+    server = fake_server()
+    judge = judge_for(server.base_url, api="completions", completion_batch_size=4, completion_batch_window_s=0.05,
+                      cache_path=str(tmp_path / "c.sqlite"))  # fmt: skip
+    captions = [f"ball {i} {i}" if i % 3 == 0 else f"ball {i}" for i in range(10)]  # stutters score fluency 3
+    requests = [user_request(f"<caption>\n{c}\n</caption>") for c in captions]
+    replies = ask(judge, *requests, user_request("<caption>\nhot\n</caption>", temperature=0.5))
+    assert [len(b["prompt"]) for b in server.bodies if b["temperature"] == 0.0] == [4, 4, 2]
+    assert [b["prompt"] for b in server.bodies if b["temperature"] == 0.5] == [["<caption>\nhot\n</caption>"]]
+    fluency = [int(r.text.split('"fluency": ')[1].split(",")[0]) for r in replies[:10]]
+    assert fluency == [3 if i % 3 == 0 else 9 for i in range(10)]  # answers found their prompts (choices shuffled)
+    cached = ask(judge, requests[1], requests[2])
+    assert all(r.cached for r in cached) and len(server.bodies) == 4  # each prompt is cached on its own
+    broken = fake_server(ServerSpec(forced_fault="http_500"))
+    failing = judge_for(broken.base_url, api="completions", completion_batch_size=4, completion_batch_window_s=0.01)
+    results = ask(failing, *requests[:5])
+    assert all(isinstance(r, JudgeUnavailable) for r in results) and broken.http_requests == 2 * 3

@@ -2,7 +2,6 @@
 with 20% injected faults, and the 50 ms-server throughput figure."""
 
 import asyncio
-import math
 import time
 
 import numpy as np

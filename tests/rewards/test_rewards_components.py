@@ -11,12 +11,11 @@ from hypothesis import strategies as st
 
 from balcap_jax.rewards.caprl_qa import CapRLQAConfig, CapRLQAReward, chosen_index, draw_questions, parse_questions
 from balcap_jax.rewards.json_output import JudgeOutputError
-from balcap_jax.rewards.judges.protocol import ImagePart, JudgeReply, JudgeUnavailable
+from balcap_jax.rewards.judges.protocol import ImagePart, JudgeUnavailable
 from balcap_jax.rewards.judges.scripted import RuleBasedResponder, ScriptedJudge, tagged_section
 from balcap_jax.rewards.linguistic import LinguisticReward
 from balcap_jax.rewards.precision import PrecisionConfig, PrecisionReward
 from balcap_jax.rewards.recall import RecallReward
-from balcap_jax.rewards.structured_call import AskPolicy
 from balcap_jax.rewards.types import RewardItem
 from tests.rewards.conftest import png_bytes
 

@@ -57,6 +57,7 @@ class LlavaModel(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.config = config
+        self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.vision_tower = CLIPVisionTower(config.vision, **kw)
         self.multi_modal_projector = LlavaMultiModalProjector(config, **kw)
@@ -66,7 +67,7 @@ class LlavaModel(nnx.Module):
         """[N, H, W, 3] -> projected features [N, image_seq_length, D_text]."""
         cfg = self.config
         features = self.vision_tower.select_features(
-            pixel_values.astype(self.language_model.dtype),
+            pixel_values.astype(self.dtype),
             cfg.feature_layers,
             drop_cls=cfg.vision_feature_select_strategy == "default",
         )

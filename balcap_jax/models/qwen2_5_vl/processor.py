@@ -226,14 +226,17 @@ def preprocess_images(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _render_content(content: str | Sequence[Mapping[str, Any]], role: str) -> str:
+def _render_content(
+    content: str | Sequence[Mapping[str, Any]], role: str, image_counter: list[int], add_vision_id: bool
+) -> str:
     if isinstance(content, str):
         return content
     parts = []
     for item in content:
         kind = item.get("type")
         if kind == "image" or (kind is None and ("image" in item or "image_url" in item)):
-            parts.append(IMAGE_PLACEHOLDER)
+            image_counter[0] += 1
+            parts.append((f"Picture {image_counter[0]}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
         elif kind == "text" or (kind is None and "text" in item):
             parts.append(item["text"])
         else:
@@ -246,23 +249,27 @@ def format_chat(
     *,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     add_generation_prompt: bool = True,
+    add_vision_id: bool = False,
 ) -> str:
     """The Qwen2.5-VL chat prompt, each image as one `<|vision_start|><|image_pad|><|vision_end|>`.
 
     messages: [{"role": "system" | "user" | "assistant", "content": str | [{"type": "image"} |
         {"type": "text", "text": str}, ...]}]. Unless the first message is a system message, `system_prompt`
-    (if not None) opens the conversation, as the checkpoints' chat template does.
+    (if not None) opens the conversation, as the checkpoints' chat template does. `add_vision_id` labels
+    images "Picture 1: ", "Picture 2: ", ... across the conversation.
     """
     if not messages:
         raise ValueError("format_chat needs at least one message")
     turns = []
     if messages[0].get("role") != "system" and system_prompt is not None:
         turns.append(f"{IM_START}system\n{system_prompt}{IM_END}\n")
+    image_counter = [0]
     for message in messages:
         role = message.get("role")
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"message role must be 'system', 'user' or 'assistant'; got {role!r}")
-        turns.append(f"{IM_START}{role}\n{_render_content(message['content'], role)}{IM_END}\n")
+        content = _render_content(message["content"], role, image_counter, add_vision_id)
+        turns.append(f"{IM_START}{role}\n{content}{IM_END}\n")
     if add_generation_prompt:
         turns.append(f"{IM_START}assistant\n")
     return "".join(turns)

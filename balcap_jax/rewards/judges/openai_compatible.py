@@ -2,7 +2,7 @@
 
 Built on httpx (one pooled async client per event loop) and tenacity (retry policy):
 - chat (`/chat/completions`, images as base64 data URLs for multimodal judges) or raw completions
-  (`/completions`, text only);
+  (`/completions`, text only; concurrent prompts with equal parameters optionally batched into one request);
 - bounded concurrency: a semaphore caps attempts in flight, so a batch of thousands of calls can be awaited at
   once without opening thousands of sockets; sleeping retries hold no slot;
 - per-request timeout; retries with exponential backoff and jitter on timeouts, connection errors and drops,
@@ -21,11 +21,12 @@ import asyncio
 import base64
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import ssl
 import time
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, TypeVar
 
 import httpx
 import tenacity
@@ -34,6 +35,7 @@ from balcap_jax.rewards.judges.protocol import ImagePart, JudgeReply, JudgeReque
 from balcap_jax.rewards.judges.response_cache import ResponseCache, cache_key
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 # httpcore scans every pooled connection for every queued request, so one pool of hundreds of connections costs
@@ -63,6 +65,9 @@ class OpenAICompatibleConfig:
     max_retry_after_s: cap on a server's Retry-After.
     cache_path: SQLite file for the response cache (None: no cache).
     extra_body: extra JSON fields for every request (e.g. {"chat_template_kwargs": {"enable_thinking": False}}).
+    completion_batch_size / completion_batch_window_s: with api="completions", prompts with identical sampling
+        parameters arriving within the window are sent as one request with a list of prompts (vLLM and SGLang
+        accept it); 1 sends one prompt per request. The cache still keys each prompt on its own.
     """
 
     model: str
@@ -80,6 +85,8 @@ class OpenAICompatibleConfig:
     cache_path: str | None = None
     extra_body: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     completion_prompt: Callable[[tuple[Message, ...]], str] = plain_completion_prompt
+    completion_batch_size: int = 1
+    completion_batch_window_s: float = 0.002
 
     def __post_init__(self):
         if isinstance(self.base_urls, str):
@@ -94,7 +101,7 @@ class OpenAICompatibleConfig:
                 raise ValueError(f"OpenAICompatibleConfig.base_urls: {url!r} must start with http:// or https://")
         if self.api not in ("chat", "completions"):
             raise ValueError(f"OpenAICompatibleConfig.api must be 'chat' or 'completions', got {self.api!r}")
-        for name in ("max_concurrency", "max_attempts"):
+        for name in ("max_concurrency", "max_attempts", "completion_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OpenAICompatibleConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("request_timeout_s", "connect_timeout_s"):
@@ -167,6 +174,8 @@ class OpenAICompatibleJudge:
         self.stats = JudgeStats()
         self._url_counter = itertools.count()
         self._client_load: list[int] = []
+        self._batch_loop: asyncio.AbstractEventLoop | None = None
+        self._batches: dict[str, list[tuple[str, asyncio.Future]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clients: list[httpx.AsyncClient] = []
         self._semaphore: asyncio.Semaphore | None = None
@@ -267,7 +276,7 @@ class OpenAICompatibleJudge:
         error = retry_state.outcome.exception() if retry_state.outcome else None
         logger.debug("judge %s attempt %d failed (%s); retrying", self.model, retry_state.attempt_number, error)
 
-    async def _attempt(self, body: dict[str, Any], slot: int) -> str:
+    async def _attempt(self, body: dict[str, Any], slot: int, read: Callable[[httpx.Response], _T]) -> _T:
         clients, semaphore = self._resources()
         async with semaphore:
             self.stats.http_attempts += 1
@@ -277,18 +286,10 @@ class OpenAICompatibleJudge:
                 response = await clients[index].post(self._endpoint(slot), json=body)
             finally:
                 self._client_load[index] -= 1
-        return self._reply_text(response)
+        return read(response)
 
-    async def generate(self, request: JudgeRequest) -> JudgeReply:
-        start = time.perf_counter()
-        self.stats.requests += 1
-        body = self.request_body(request)
-        key = cache_key(self.model, {"api": self.config.api, "body": body}) if self.cache is not None else None
-        if key is not None:
-            cached = self.cache.get(key)
-            if cached is not None:
-                self.stats.cache_hits += 1
-                return JudgeReply(cached, cached=True, latency_s=time.perf_counter() - start, attempts=0)
+    async def _post_with_retries(self, body: dict[str, Any], read: Callable[[httpx.Response], _T]) -> tuple[_T, int]:
+        """(read(response), attempts) of the first usable response; JudgeUnavailable once retries run out."""
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self.config.max_attempts),
             wait=self._wait,
@@ -303,12 +304,87 @@ class OpenAICompatibleJudge:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    text = await self._attempt(body, first_slot + attempts - 1)
+                    value = await self._attempt(body, first_slot + attempts - 1, read)
         except (httpx.HTTPError, _RetryableResponse, _FatalResponse) as error:
             self.stats.failures += 1
             message = f"{self.model}: gave up after {attempts} attempt(s): {type(error).__name__}: {error}"
             logger.warning("judge call failed: %s", message)
             raise JudgeUnavailable(message) from None
+        return value, attempts
+
+    async def generate(self, request: JudgeRequest) -> JudgeReply:
+        start = time.perf_counter()
+        self.stats.requests += 1
+        body = self.request_body(request)
+        key = cache_key(self.model, {"api": self.config.api, "body": body}) if self.cache is not None else None
+        if key is not None:
+            cached = self.cache.get(key)
+            if cached is not None:
+                self.stats.cache_hits += 1
+                return JudgeReply(cached, cached=True, latency_s=time.perf_counter() - start, attempts=0)
+        if self.config.api == "completions" and self.config.completion_batch_size > 1:
+            text, attempts = await self._batched_completion(body)
+        else:
+            text, attempts = await self._post_with_retries(body, self._reply_text)
         if key is not None:
             self.cache.put(key, self.model, text)
         return JudgeReply(text, cached=False, latency_s=time.perf_counter() - start, attempts=attempts)
+
+    # --- completions batching -------------------------------------------------------------------------------
+
+    async def _batched_completion(self, body: dict[str, Any]) -> tuple[str, int]:
+        """Queue one prompt; prompts with identical parameters that arrive within `completion_batch_window_s`
+        travel together as one `/completions` request with a list of prompts (up to completion_batch_size)."""
+        loop = asyncio.get_running_loop()
+        if self._batch_loop is not loop:
+            self._batch_loop, self._batches = loop, {}
+        params = {k: v for k, v in body.items() if k != "prompt"}
+        group = json.dumps(params, sort_keys=True)
+        future = loop.create_future()
+        queue = self._batches.setdefault(group, [])
+        queue.append((body["prompt"], future))
+        if len(queue) >= self.config.completion_batch_size:
+            self._send_batch(group, params)
+        elif len(queue) == 1:
+            loop.call_later(self.config.completion_batch_window_s, self._send_batch, group, params, queue)
+        return await future
+
+    def _send_batch(self, group: str, params: dict[str, Any], expected: list | None = None) -> None:
+        queue = self._batches.get(group)
+        if queue is None or (expected is not None and queue is not expected):
+            return  # already sent when it filled up
+        del self._batches[group]
+        asyncio.ensure_future(self._post_batch(params, queue))
+
+    async def _post_batch(self, params: dict[str, Any], queue: list[tuple[str, asyncio.Future]]) -> None:
+        prompts = [prompt for prompt, _ in queue]
+
+        def read(response: httpx.Response) -> list[str]:
+            return self._batch_texts(response, len(prompts))
+
+        try:
+            texts, attempts = await self._post_with_retries(params | {"prompt": prompts}, read)
+        except JudgeUnavailable as error:
+            for _, future in queue:
+                if not future.done():
+                    future.set_exception(JudgeUnavailable(str(error)))
+            return
+        for (_, future), text in zip(queue, texts):
+            if not future.done():
+                future.set_result((text, attempts))
+
+    def _batch_texts(self, response: httpx.Response, count: int) -> list[str]:
+        """The texts of a batched completions response, in prompt order (choices carry their prompt index)."""
+        if response.status_code in _RETRYABLE_STATUS:
+            raise _RetryableResponse(f"HTTP {response.status_code}", _retry_after_seconds(response))
+        if response.status_code != 200:
+            raise _FatalResponse(f"HTTP {response.status_code}: {response.text[:300]}")
+        try:
+            choices = response.json()["choices"]
+            texts = {int(choice["index"]): choice["text"] for choice in choices}
+            ordered = [texts[i] for i in range(count)]
+        except (ValueError, KeyError, IndexError, TypeError) as error:
+            raise _RetryableResponse(f"unusable batched response ({type(error).__name__}): {response.text[:200]!r}")
+        if not all(isinstance(text, str) for text in ordered):
+            raise _RetryableResponse("batched response has a choice without text")
+        return ordered

@@ -6,15 +6,18 @@ Each component implements `RewardComponent` and reads the ground truth from `Rew
 Captions are parsed by `shapes_world_grammar.parse_caption`, which never raises.
 
 Scores (all in [0, 1], exact, deterministic):
-  precision   #correct unique claims / #unique claims (0 for a caption with no claims). A claim is correct iff it
-              is pointable (every object it mentions is named by colour or shape and matches at least one
-              object in the image; "there is a shape" is generic) and true of the scene graph; unverifiable clauses (unknown words, negations, fragments with content) are claims
-              that are never correct. Repeats are de-duplicated, so repeating a true claim earns nothing.
-  recall      #reference facts covered / #facts (`shapes_world.scene_facts`). A fact is covered by a correct
-              claim that states it about an object the claim's mention identifies uniquely: existence by any
-              claim whose mention gives that colour and shape; size / region by a size / region claim;
-              a relation by the same relation or its mirror ("B right of A" covers "A left of B"); the count by
-              a count claim about all shapes.
+  precision   #correct claims / #claims over distinct claims (0 for a caption with no claims). A claim is correct
+              iff it is pointable (every object it mentions is named by a colour or a shape and matches an object
+              in the image; "there is a shape" points at nothing; a count of zero is a negative statement) and
+              true of the scene graph. Unverifiable clauses (unknown words, negations, fragments with content)
+              are claims that are never correct. Duplicates share one credit: a repeated claim counts once, and a
+              correct claim that only restates facts of earlier claims ("There is a red circle. The circle is
+              red.", "A is left of B. B is right of A.") counts in neither numerator nor denominator, so
+              padding a caption with paraphrases earns nothing.
+  recall      #reference facts covered / #facts (`shapes_world.scene_facts`), covered = stated by a correct claim
+              (`entailed_facts`): existence by any claim naming that colour and shape; size / region by a size /
+              region claim about an object its mention identifies uniquely; a relation by the same relation or
+              its mirror ("B right of A" covers "A left of B"); the count by a count claim about all shapes.
   linguistic  non_repetition × mean over sentences of grammatical × (1 + well_formed) / 2, with the rules of
               `shapes_world_grammar` (G1–G6, well-formedness): an ungrammatical sentence earns 0, a grammatical
               one with bad capitalisation / punctuation / length earns 1/2; and
@@ -57,9 +60,12 @@ def resolve(mention: Mention | None, scene: world.SceneGraph) -> list[world.Scen
 
 @dataclasses.dataclass(frozen=True)
 class ClaimVerdict:
+    """duplicate: a correct claim stating only facts that earlier claims already stated (not counted)."""
+
     claim: Claim
     pointable: bool
     correct: bool
+    duplicate: bool = False
 
 
 def _is_generic(mention: Mention | None) -> bool:
@@ -68,11 +74,13 @@ def _is_generic(mention: Mention | None) -> bool:
 
 def check_claim(claim: Claim, scene: world.SceneGraph) -> ClaimVerdict:
     """Pointable: each mentioned object exists in the image and is named by a colour or a shape ("there is a
-    shape" points at nothing in particular); count claims are about the whole image and always pointable.
-    Correct: pointable and true."""
+    shape" points at nothing in particular); count claims are about the whole image and pointable unless they
+    count zero (a negative statement). Correct: pointable and true."""
     if claim.kind == "unverifiable":
         return ClaimVerdict(claim, False, False)
     if claim.kind == "count":
+        if not isinstance(claim.value, int) or claim.value < 1:
+            return ClaimVerdict(claim, False, False)
         return ClaimVerdict(claim, True, len(resolve(claim.mention, scene)) == claim.value)
     if _is_generic(claim.mention) or (claim.kind == "relation" and _is_generic(claim.other)):
         return ClaimVerdict(claim, False, False)
@@ -91,46 +99,64 @@ def check_claim(claim: Claim, scene: world.SceneGraph) -> ClaimVerdict:
     return ClaimVerdict(claim, bool(subjects), any(attribute(o) for o in subjects))
 
 
-def unique_claims(parsed: ParsedCaption) -> list[Claim]:
-    return list({c.key(): c for c in parsed.claims}.values())
-
-
-def precision(parsed: ParsedCaption, scene: world.SceneGraph) -> tuple[float, list[ClaimVerdict]]:
-    verdicts = [check_claim(c, scene) for c in unique_claims(parsed)]
-    if not verdicts:
-        return 0.0, verdicts
-    return sum(v.correct for v in verdicts) / len(verdicts), verdicts
-
-
 def _unique_target(mention: Mention | None, scene: world.SceneGraph) -> tuple[str, str] | None:
     matches = resolve(mention, scene)
     return (matches[0].colour, matches[0].shape) if len(matches) == 1 else None
 
 
-def covered_facts(verdicts: Sequence[ClaimVerdict], scene: world.SceneGraph) -> set[tuple]:
-    """The scene facts (in `scene_facts` form) stated by the correct claims."""
-    covered: set[tuple] = set()
-    for v in verdicts:
-        if not v.correct:
-            continue
-        c = v.claim
-        if c.kind == "count" and c.mention == Mention():
-            covered.add(("count", c.value))
-            continue
-        for m in (c.mention, c.other):
-            if m is not None and m.colour is not None and m.shape is not None and resolve(m, scene):
-                covered.add(("object", m.colour, m.shape))
-        target = _unique_target(c.mention, scene)
-        if target is None:
-            continue
-        if c.kind in ("size", "region"):
-            covered.add((c.kind, *target, c.value))
-        elif c.kind == "relation":
-            other = _unique_target(c.other, scene)
+def entailed_facts(claim: Claim, scene: world.SceneGraph) -> frozenset[tuple]:
+    """What a correct claim states, in `scene_facts` form (relations in both directions):
+    existence of every object named by colour and shape; size / region of the object its mention identifies
+    uniquely; "the circle is red" names the red circle; a relation between two uniquely identified objects;
+    the count (counts of one kind of shape are their own facts, outside `scene_facts`)."""
+    if claim.kind == "count":
+        key = ("count", claim.value) if claim.mention == Mention() else ("count of", claim.mention, claim.value)
+        return frozenset([key])
+    facts: set[tuple] = set()
+    for m in (claim.mention, claim.other):
+        if m is not None and m.colour is not None and m.shape is not None and resolve(m, scene):
+            facts.add(("object", m.colour, m.shape))
+    target = _unique_target(claim.mention, scene)
+    if target is not None:
+        if claim.kind in ("size", "region"):
+            facts.add((claim.kind, *target, claim.value))
+        elif claim.kind == "colour":
+            facts.add(("object", *target))
+        elif claim.kind == "relation":
+            other = _unique_target(claim.other, scene)
             if other is not None:
-                covered.add(("relation", target, c.value, other))
-                covered.add(("relation", other, _MIRROR[str(c.value)], target))
-    return covered
+                facts.add(("relation", target, claim.value, other))
+                facts.add(("relation", other, _MIRROR[str(claim.value)], target))
+    return frozenset(facts)
+
+
+def unique_claims(parsed: ParsedCaption) -> list[Claim]:
+    return list({c.key(): c for c in parsed.claims}.values())
+
+
+def precision(parsed: ParsedCaption, scene: world.SceneGraph) -> tuple[float, list[ClaimVerdict]]:
+    """#correct / #claims over distinct claims, where a correct claim that only restates facts of earlier
+    claims ("There is a red circle. The circle is red.", "A left of B. B right of A.") is a duplicate and
+    counts in neither: duplicates share one credit, so padding with paraphrases earns nothing."""
+    verdicts: list[ClaimVerdict] = []
+    stated: set[tuple] = set()
+    for claim in unique_claims(parsed):
+        verdict = check_claim(claim, scene)
+        if verdict.correct:
+            facts = entailed_facts(claim, scene)
+            if facts and facts <= stated:
+                verdict = dataclasses.replace(verdict, duplicate=True)
+            stated |= facts
+        verdicts.append(verdict)
+    counted = [v for v in verdicts if not v.duplicate]
+    if not counted:
+        return 0.0, verdicts
+    return sum(v.correct for v in counted) / len(counted), verdicts
+
+
+def covered_facts(verdicts: Sequence[ClaimVerdict], scene: world.SceneGraph) -> set[tuple]:
+    """The facts stated by the correct claims."""
+    return set().union(*(entailed_facts(v.claim, scene) for v in verdicts if v.correct))
 
 
 def recall(verdicts: Sequence[ClaimVerdict], scene: world.SceneGraph, include_relations: bool = True
@@ -266,7 +292,8 @@ def _score_each(items: Sequence[RewardItem], fn: Callable[[RewardItem], tuple[fl
 
 
 def _verdict_record(verdicts: Sequence[ClaimVerdict]) -> list[dict[str, Any]]:
-    return [{"claim": v.claim.describe(), "pointable": v.pointable, "correct": v.correct} for v in verdicts]
+    return [{"claim": v.claim.describe(), "pointable": v.pointable, "correct": v.correct, "duplicate": v.duplicate}
+            for v in verdicts]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,138 @@
+"""Host-side batch assembly between the data pipeline, the sampler, the judges and the update step.
+
+Pipeline batches (see `data.pipeline`) carry Qwen prompt features for P images; this module turns them into
+model inputs (`models/interface.py` layout), into SFT batches (prompt + reference caption), and turns rollouts
+back into text and `RewardItem`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from balcap_jax.data.qwen_inputs import QwenCaptionProcessor
+from balcap_jax.data.records import CaptionExample
+from balcap_jax.models.interface import next_text_positions
+from balcap_jax.models.qwen2_5_vl.vision_host import prepare_vision_inputs
+from balcap_jax.rewards.types import RewardItem
+from balcap_jax.sampling.rollout import Rollout, build_training_batch
+from balcap_jax.trainer.policy import Policy
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyPromptProcessor:
+    """The pipeline processor for a policy: Qwen prompt features with ids in the policy's vocabulary."""
+
+    inner: QwenCaptionProcessor
+    policy: Policy
+
+    @property
+    def pad_id(self) -> int:
+        return self.policy.pad_id
+
+    def __call__(self, example: CaptionExample) -> dict[str, np.ndarray]:
+        features = dict(self.inner(example))
+        features["input_ids"] = self.policy.to_model_ids(features["input_ids"])
+        return features
+
+
+def _images_of(batch: Mapping[str, Any]) -> list[np.ndarray]:
+    """Split the concatenated pixel_values into one [N_i, D] block per image (row order)."""
+    sizes = np.prod(np.asarray(batch["image_grid_thw"]), axis=1)
+    return np.split(np.asarray(batch["pixel_values"]), np.cumsum(sizes)[:-1])
+
+
+def vision_inputs(policy: Policy, batch: Mapping[str, Any], repeats: int = 1) -> dict[str, np.ndarray]:
+    """The vision tower's inputs for the batch's images, each repeated `repeats` times consecutively."""
+    images = _images_of(batch)
+    grid = np.asarray(batch["image_grid_thw"])
+    pixels = np.concatenate([img for img in images for _ in range(repeats)], axis=0)
+    return prepare_vision_inputs(pixels, np.repeat(grid, repeats, axis=0), policy.model_config.vision)
+
+
+def prompt_inputs(policy: Policy, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Pipeline batch -> prompt SequenceInputs (numpy): input_ids [P, T], attention_mask, positions [3, P, T],
+    vision."""
+    return {
+        "input_ids": np.asarray(batch["input_ids"], np.int32),
+        "attention_mask": np.asarray(batch["attention_mask"], bool),
+        "positions": np.asarray(batch["positions"], np.int32),
+        "vision": vision_inputs(policy, batch),
+    }
+
+
+def tile_vision_for(policy: Policy, batch: Mapping[str, Any]):
+    """`tile_vision` for `build_training_batch`: each image's vision inputs repeated G times (prompt-major)."""
+    return lambda _vision, group_size: vision_inputs(policy, batch, repeats=group_size)
+
+
+def reference_completions(
+    policy: Policy, references: Sequence[str], prompts: Mapping[str, Any], max_new_tokens: int
+) -> Rollout:
+    """Reference captions laid out as a `Rollout` (tokens + EOS, padded), so SFT batches are built by the same
+    `build_training_batch` as RL batches and line up with them token for token. Longer references are cut."""
+    rows = len(references)
+    tokens = np.full((rows, max_new_tokens), policy.pad_id, np.int32)
+    mask = np.zeros((rows, max_new_tokens), bool)
+    for row, text in enumerate(references):
+        ids = np.concatenate([policy.encode_text(text), [policy.eos_id]])[:max_new_tokens]
+        tokens[row, : len(ids)] = ids
+        mask[row, : len(ids)] = True
+    starts = np.asarray(next_text_positions(np.asarray(prompts["positions"]), np.asarray(prompts["attention_mask"])))
+    lengths = mask.sum(-1).astype(np.int32)
+    return Rollout(
+        tokens=tokens,
+        logprobs=np.zeros((rows, max_new_tokens), np.float32),
+        completion_mask=mask,
+        lengths=lengths,
+        finish_reason=np.zeros((rows,), np.int32),
+        start_positions=starts.astype(np.int32),
+        decode_steps=np.asarray(max_new_tokens, np.int32),
+    )
+
+
+def sft_batch(policy: Policy, batch: Mapping[str, Any], prompts: Mapping[str, Any], max_new_tokens: int) -> dict:
+    """Teacher-forcing batch on each row's first reference caption."""
+    references = [refs[0] for refs in batch["references"]]
+    rollout = reference_completions(policy, references, prompts, max_new_tokens)
+    out = build_training_batch(prompts, rollout, 1, tile_vision=tile_vision_for(policy, batch))
+    return {k: np.asarray(v) if not isinstance(v, dict) else v for k, v in out.items()}
+
+
+def completion_texts(policy: Policy, rollout: Rollout) -> list[str]:
+    """Decoded completions, EOS and padding removed; row order as in the rollout (prompt-major)."""
+    tokens = np.asarray(rollout.tokens)
+    mask = np.asarray(rollout.completion_mask)
+    texts = []
+    for row in range(tokens.shape[0]):
+        ids = tokens[row][mask[row]]
+        ids = ids[ids != policy.eos_id]
+        texts.append(policy.decode(ids))
+    return texts
+
+
+def reward_items(batch: Mapping[str, Any], captions: Sequence[str], group_size: int) -> list[list[RewardItem]]:
+    """P groups of G `RewardItem`s (captions prompt-major)."""
+    groups = []
+    for p, image_id in enumerate(batch["example_id"]):
+        groups.append(
+            [
+                RewardItem(
+                    image_id=str(image_id),
+                    caption=captions[p * group_size + g],
+                    references=tuple(batch["references"][p]),
+                    image=batch["image_bytes"][p],
+                    metadata=batch["metadata"][p],
+                )
+                for g in range(group_size)
+            ]
+        )
+    return groups
+
+
+def reference_lengths(policy: Policy, batch: Mapping[str, Any]) -> np.ndarray:
+    """Tokens of each prompt's first reference caption (in the policy's tokenizer): int32[P]."""
+    return np.asarray([len(policy.encode_text(refs[0])) for refs in batch["references"]], np.int32)
