@@ -190,3 +190,20 @@ def write_cache_layer(buffer: Array, layer: int, start: Array | int, new: Array)
     return jax.lax.dynamic_update_slice(
         buffer, new[None].astype(buffer.dtype), (jnp.asarray(layer, jnp.int32), zero, start, zero, zero)
     )
+
+
+def constrain_batch(x: Array, batch_axes: tuple[str, ...] = ("data", "fsdp")) -> Array:
+    """Pin x's leading (batch) dimension to the mesh axes `batch_axes`, everything else replicated.
+
+    Only acts under a mesh context (`jax.set_mesh(mesh)`) whose axes include `batch_axes` and divide the batch;
+    otherwise returns x unchanged, so single-device code and tests are unaffected. Under FSDP this keeps
+    activations split by batch between layers, so XLA all-gathers weights instead of resharding activations.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not all(axis in mesh.axis_names for axis in batch_axes):
+        return x
+    shards = int(np.prod([mesh.shape[axis] for axis in batch_axes]))
+    if shards == 1 or x.shape[0] % shards:
+        return x
+    spec = jax.sharding.PartitionSpec(batch_axes, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)

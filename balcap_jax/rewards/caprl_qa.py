@@ -88,7 +88,9 @@ def parse_questions(item: RewardItem) -> tuple[MultipleChoice, ...]:
         if isinstance(answer, str) and answer in options:
             answer = list(options).index(answer)
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
-            raise ValueError(f"{where}[{i}]['answer'] must be an index into options or one option's text, got {answer!r}")
+            raise ValueError(
+                f"{where}[{i}]['answer'] must be an index into options or one option's text, got {answer!r}"
+            )
         parsed.append(MultipleChoice(row["question"], tuple(options), answer))
     return tuple(parsed)
 
@@ -142,9 +144,8 @@ class CapRLQAReward:
 
     async def _ask(self, caption: str, draw: Draw, log: CallLog) -> int | None:
         cfg = self.config
-        prompt = render_prompt(
-            "caption_qa", cfg.prompt_version, caption=caption, question=draw.question, options=option_block(draw.options)
-        )
+        fields = dict(caption=caption, question=draw.question, options=option_block(draw.options))
+        prompt = render_prompt("caption_qa", cfg.prompt_version, **fields)
         outcome = await ask_json(
             self.text_judge, user_request(prompt, max_tokens=cfg.max_tokens), ANSWER_SCHEMA, log, policy=cfg.policy,
             check=lambda parsed: chosen_index(parsed["answer"], draw.options), label="caption_qa",

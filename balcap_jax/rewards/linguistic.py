@@ -61,7 +61,8 @@ class LinguisticReward:
         if not item.caption.strip():
             return ComponentScore(0.0, record | {"reason": "empty caption"})
         log = CallLog()
-        request = user_request(render_prompt("linguistic", cfg.prompt_version, caption=item.caption), max_tokens=cfg.max_tokens)
+        prompt = render_prompt("linguistic", cfg.prompt_version, caption=item.caption)
+        request = user_request(prompt, max_tokens=cfg.max_tokens)
         outcome = await ask_json(self.text_judge, request, self._schema, log, policy=cfg.policy, label="linguistic")
         if outcome is None:
             return ComponentScore(math.nan, record | log.as_record(), errors=log.errors)

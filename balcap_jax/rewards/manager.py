@@ -67,9 +67,13 @@ def _check_scores(name: str, scores: Sequence[ComponentScore], expected: int) ->
         raise ValueError(f"reward component {name!r} returned {len(scores)} scores for {expected} items")
     for index, score in enumerate(scores):
         if not isinstance(score, ComponentScore):
-            raise TypeError(f"reward component {name!r} item {index}: expected ComponentScore, got {type(score).__name__}")
+            raise TypeError(
+                f"reward component {name!r} item {index}: expected ComponentScore, got {type(score).__name__}"
+            )
         if not (math.isnan(score.value) or 0.0 <= score.value <= 1.0):
-            raise ValueError(f"reward component {name!r} item {index}: value {score.value} is outside [0, 1] and not NaN")
+            raise ValueError(
+                f"reward component {name!r} item {index}: value {score.value} is outside [0, 1] and not NaN"
+            )
 
 
 def component_metrics(scores: Sequence[ComponentScore], latency_s: float) -> ComponentMetrics:

@@ -68,7 +68,9 @@ class PrecisionReward:
         def check(parsed: dict[str, Any]) -> dict[str, dict[str, Any]]:
             return match_ids(parsed["verdicts"], ids, "verdict")
 
-        outcome = await ask_json(self.visual_judge, request, VERDICT_SCHEMA, log, policy=cfg.policy, check=check, label="verify")
+        outcome = await ask_json(
+            self.visual_judge, request, VERDICT_SCHEMA, log, policy=cfg.policy, check=check, label="verify"
+        )
         return None if outcome is None else outcome[0]
 
     async def score_one(self, item: RewardItem) -> ComponentScore:
@@ -95,7 +97,8 @@ class PrecisionReward:
         record |= {"truncated_claims": truncated}
         if not claims:
             return ComponentScore(0.0, record | {"claims": [], "reason": "no claims"} | log.as_record())
-        verdict_chunks = await asyncio.gather(*(self._verify(image, part, log) for part in chunks(claims, cfg.claims_per_call)))
+        parts = chunks(claims, cfg.claims_per_call)
+        verdict_chunks = await asyncio.gather(*(self._verify(image, part, log) for part in parts))
         if any(chunk is None for chunk in verdict_chunks):
             record["claims"] = [c.as_dict() for c in claims]
             return ComponentScore(math.nan, record | log.as_record(), errors=log.errors)

@@ -122,7 +122,8 @@ class RecallReward:
         reference, reference_log = await self.reference_claims(item.image_id, item.references)
         if reference is None:
             # The decomposition failed for the whole image; every caption of it counts the failed call.
-            return ComponentScore(math.nan, record | {"reason": "reference decomposition failed"} | reference_log.as_record(), errors=1)
+            record |= {"reason": "reference decomposition failed"} | reference_log.as_record()
+            return ComponentScore(math.nan, record, errors=1)
         record["reference_claims"] = [c.as_dict() for c in reference.claims]
         record["reference_truncated"] = reference.truncated
         if not reference.claims:
@@ -130,7 +131,8 @@ class RecallReward:
         if not item.caption.strip():
             return ComponentScore(0.0, record | {"reason": "empty caption"})
         log = CallLog(calls=reference_log.calls, cache_hits=reference_log.cache_hits, latency_s=reference_log.latency_s)
-        decided = await asyncio.gather(*(self._coverage(item.caption, part, log) for part in chunks(reference.claims, cfg.facts_per_call)))
+        parts = chunks(reference.claims, cfg.facts_per_call)
+        decided = await asyncio.gather(*(self._coverage(item.caption, part, log) for part in parts))
         if any(chunk is None for chunk in decided):
             return ComponentScore(math.nan, record | log.as_record(), errors=log.errors)
         covered = {key: row["covered"] for chunk in decided for key, row in chunk.items()}

@@ -64,6 +64,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = set(args.components) - set(COMPONENTS)
     if unknown or not args.components:
         parser.error(f"--components: unknown {sorted(unknown)}; choose from {COMPONENTS}")
+    if args.judge_api == "completions" and "precision" in args.components and not args.vlm_judge_url:
+        parser.error("precision sends images, which the completions API cannot carry: add --vlm-judge-url and "
+                     "--vlm-judge-model (a chat VLM), or use --judge-api chat")
     return args
 
 

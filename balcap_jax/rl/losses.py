@@ -89,28 +89,27 @@ def token_logprobs_from_hidden(
     vocab = unembed.shape[1]
     chunk_size = min(chunk_size, vocab)
     num_chunks = math.ceil(vocab / chunk_size)
-    padded = num_chunks * chunk_size
-    # [D, V] -> [num_chunks, D, chunk]; padded columns are masked to -inf below.
-    chunks = jnp.pad(unembed, ((0, 0), (0, padded - vocab))).reshape(unembed.shape[0], num_chunks, chunk_size)
-    chunks = jnp.moveaxis(chunks, 1, 0)
     targets = jnp.clip(targets, 0, vocab - 1)
 
     @jax.checkpoint
-    def body(acc: _SoftmaxAccumulator, xs: tuple[Array, Array]) -> tuple[_SoftmaxAccumulator, None]:
-        chunk, start = xs
+    def body(acc: _SoftmaxAccumulator, start: Array) -> tuple[_SoftmaxAccumulator, None]:
+        # Slice the unembedding in place (no padded or transposed copy of [D, V]). The last chunk is moved back to
+        # end at V, so it overlaps its predecessor; the overlap columns were counted there and are masked here.
+        offset = jnp.minimum(start, vocab - chunk_size)
+        chunk = jax.lax.dynamic_slice_in_dim(unembed, offset, chunk_size, axis=1)
         logits = jnp.einsum("btd,dv->btv", hidden, chunk, preferred_element_type=jnp.float32) / temperature
-        column = start + jnp.arange(chunk_size)
-        logits = jnp.where(column < vocab, logits, -jnp.inf)
+        column = offset + jnp.arange(chunk_size)
+        real = column >= start
+        logits = jnp.where(real, logits, -jnp.inf)
         # The shift cancels exactly in logsumexp and the entropy, so its gradient is not needed.
         new_max = jax.lax.stop_gradient(jnp.maximum(acc.max, jnp.max(logits, axis=-1)))
         rescale = jnp.exp(acc.max - new_max)
         # Shifting an empty accumulator (sum_exp == 0, max still the -huge floor) would multiply 0 by -inf.
         shift = jnp.where(acc.sum_exp > 0, acc.max - new_max, 0.0)
-        real = column < vocab
         centred = jnp.where(real, logits - new_max[..., None], 0.0)
         weights = jnp.where(real, jnp.exp(centred), 0.0)
         in_chunk = (targets >= start) & (targets < start + chunk_size)
-        local = jnp.clip(targets - start, 0, chunk_size - 1)
+        local = jnp.clip(targets - offset, 0, chunk_size - 1)
         target_logit = jnp.take_along_axis(jnp.where(real, logits, 0.0), local[..., None], axis=-1)[..., 0]
         return (
             _SoftmaxAccumulator(
@@ -133,7 +132,7 @@ def token_logprobs_from_hidden(
         target=jnp.zeros(batch_shape, jnp.float32),
     )
     starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
-    acc, _ = jax.lax.scan(body, init, (chunks, starts))
+    acc, _ = jax.lax.scan(body, init, starts)
     log_normaliser = acc.max + jnp.log(acc.sum_exp)
     logprobs = acc.target - log_normaliser
     # H = logsumexp − E[l] = log Σ exp(l − m) − E[l − m]: centred on the max, so a peaked distribution's small
@@ -291,6 +290,13 @@ class LossDiagnostics:
     policy_loss: Array  # the aggregated policy-gradient term, already normalised (adds across micro-batches)
     kl_loss: Array
     entropy_loss: Array
+
+    @classmethod
+    def empty(cls) -> "LossDiagnostics":
+        """The identity of `merge`: zero sums, extrema at ±inf."""
+        zero = jnp.zeros((), jnp.float32)
+        fields = {field.name: zero for field in dataclasses.fields(cls)}
+        return cls(**{**fields, "ratio_min": jnp.asarray(jnp.inf), "ratio_max": jnp.asarray(-jnp.inf)})
 
     def merge(self, other: "LossDiagnostics") -> "LossDiagnostics":
         merged = jax.tree.map(jnp.add, self, other)

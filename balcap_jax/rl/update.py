@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Literal
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -186,11 +185,15 @@ def _check_batch(batch: Batch, loss_config: LossConfig) -> None:
     if missing:
         raise ValueError(f"update batch is missing keys {missing}; see balcap_jax/rl/update.py for the layout.")
     size, scored = batch["input_ids"].shape[0], num_scored_positions(batch)
-    chex.assert_shape(batch["completion_mask"], (size, scored))
-    chex.assert_shape(batch["old_logprobs"], (size, scored))
-    chex.assert_shape(batch["advantages"], (size,))
+    expected = {"completion_mask": (size, scored), "old_logprobs": (size, scored), "advantages": (size,)}
     if "ref_logprobs" in batch:
-        chex.assert_shape(batch["ref_logprobs"], (size, scored))
+        expected["ref_logprobs"] = (size, scored)
+    for key, shape in expected.items():
+        if tuple(batch[key].shape) != shape:
+            raise ValueError(
+                f"batch[{key!r}] has shape {tuple(batch[key].shape)}, expected {shape} (B={size} sequences, "
+                f"T_c={scored} scored positions); advantages are one per sequence, the others [B, T_c]."
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,13 +259,13 @@ def make_update_step(
             grad_sum = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_sum, grads)
             return (loss_sum + loss, grad_sum, diagnostics.merge(micro_diagnostics)), None
 
-        micro = split_micro_batches(batch, micro_batches)
-        first = jax.tree.map(lambda leaf: leaf[0], micro)
-        # Run micro-batch 0 outside the scan: it seeds the carry with correctly shaped diagnostics.
-        (loss0, diagnostics0), grads0 = grad_fn(params, first, normaliser)
-        grads0 = jax.tree.map(lambda g: g.astype(jnp.float32), grads0)
-        rest = jax.tree.map(lambda leaf: leaf[1:], micro)
-        (loss, grads, diagnostics), _ = jax.lax.scan(body, (loss0, grads0, diagnostics0), rest)
+        # Gradients accumulate in fp32 whatever the parameter dtype; the model is traced once, inside the scan.
+        zeros = (
+            jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+            LossDiagnostics.empty(),
+        )
+        (loss, grads, diagnostics), _ = jax.lax.scan(body, zeros, split_micro_batches(batch, micro_batches))
         grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
         return loss, grads, diagnostics
 

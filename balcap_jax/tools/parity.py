@@ -7,9 +7,9 @@ runs `Qwen2_5_VLForConditionalGeneration` in torch and our model in JAX, both in
 precision, and prints the max absolute logit difference and the per-token KL(HF || ours) over real tokens.
 Exits with status 1 when a tolerance is exceeded.
 
-The inputs are random token ids and random normalised patches (what the image processor emits), so no
-tokenizer or image files are needed; the check exercises the vision tower, the image-token scatter, M-RoPE
-with mixed text/image rows and padding, and the decoder.
+The inputs are random token ids and random normalised patches (what the image processor emits), or real
+images with `--images a.jpg b.png` (through our processor); no tokenizer is needed. The check exercises the
+vision tower, the image-token scatter, M-RoPE with mixed text/image rows and padding, and the decoder.
 """
 
 from __future__ import annotations
@@ -57,12 +57,14 @@ def build_batch(
     image_grids: Sequence[tuple[int, int, int]] = DEFAULT_GRIDS,
     text_only_row: bool = True,
     text_token_max: int | None = None,
+    pixel_values: np.ndarray | None = None,
 ) -> ParityBatch:
     """Row 0: text, then each image (vision_start, pads, vision_end) separated by text, `prompt_tokens` text
     tokens in all. Row 1 (optional): a shorter text-only prompt, left-padded to the same length.
 
     `config` is our `Qwen2_5_VLConfig`. Random text ids are drawn below `text_token_max` (default: below the
-    smallest special vision token id, so no random token is an image placeholder).
+    smallest special vision token id, so no random token is an image placeholder). Patches are random normal
+    values unless `pixel_values` (e.g. real images through the processor, matching `image_grids`) is given.
     """
     rng = np.random.default_rng(seed)
     merge = config.vision.spatial_merge_size
@@ -88,8 +90,12 @@ def build_batch(
     if not n_images:
         return ParityBatch(ids, mask, None, None)
     grids = np.asarray(image_grids, np.int64)
-    pixels = rng.standard_normal((int(np.prod(grids, axis=1).sum()), config.vision.patch_dim)).astype(np.float32)
-    return ParityBatch(ids, mask, pixels, grids)
+    shape = (int(np.prod(grids, axis=1).sum()), config.vision.patch_dim)
+    if pixel_values is None:
+        pixel_values = rng.standard_normal(shape).astype(np.float32)
+    elif pixel_values.shape != shape:
+        raise ValueError(f"pixel_values has shape {pixel_values.shape}; image_grids {grids.tolist()} need {shape}")
+    return ParityBatch(ids, mask, np.asarray(pixel_values, np.float32), grids)
 
 
 def hf_logits(hf_model, batch: ParityBatch, *, image_token_id: int) -> np.ndarray:
@@ -149,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hf-dir", required=True, help="local HF Qwen2.5-VL directory (config.json + safetensors)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="text tokens in the image prompt")
     parser.add_argument("--grids", default=";".join(",".join(map(str, g)) for g in DEFAULT_GRIDS),
-                        help="image patch grids 't,h,w;t,h,w;...' (h, w even); '' for text only")
+                        help="image patch grids 't,h,w;t,h,w;...' (h, w even) of random images; '' for text only")
+    parser.add_argument("--images", nargs="*", default=None,
+                        help="image files to use instead of random patches (through our Qwen2.5-VL processor)")
+    parser.add_argument("--max-pixels", type=int, default=448 * 448, help="processor max_pixels for --images")
     parser.add_argument("--logit-tol", type=float, default=1e-3)
     parser.add_argument("--kl-tol", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
@@ -162,13 +171,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from balcap_jax.models.qwen2_5_vl.params import load_qwen2_5_vl
 
-    grids = [tuple(int(v) for v in g.split(",")) for g in args.grids.split(";") if g.strip()]
     model = load_qwen2_5_vl(args.hf_dir, dtype=jnp.float32, param_dtype=jnp.float32)
     config = model.config
+    pixel_values = None
+    if args.images:
+        from PIL import Image
+
+        from balcap_jax.models.qwen2_5_vl.processor import ImageProcessorConfig, preprocess_images
+
+        processor_config = ImageProcessorConfig(
+            patch_size=config.vision.patch_size, temporal_patch_size=config.vision.temporal_patch_size,
+            merge_size=config.vision.spatial_merge_size, max_pixels=args.max_pixels,
+        )
+        pixel_values, grid_array = preprocess_images([Image.open(path) for path in args.images], processor_config)
+        grids = [tuple(int(v) for v in g) for g in grid_array]
+    else:
+        grids = [tuple(int(v) for v in g.split(",")) for g in args.grids.split(";") if g.strip()]
     hf_model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         args.hf_dir, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    batch = build_batch(config, seed=args.seed, prompt_tokens=args.prompt_tokens, image_grids=grids)
+    batch = build_batch(config, seed=args.seed, prompt_tokens=args.prompt_tokens, image_grids=grids,
+                        pixel_values=pixel_values)
     with jax.default_matmul_precision("highest"):
         ours = our_logits(model, batch)
     report = compare(hf_logits(hf_model, batch, image_token_id=config.image_token_id), ours, batch.attention_mask)

@@ -39,18 +39,13 @@ class PolicyPromptProcessor:
         return features
 
 
-def _images_of(batch: Mapping[str, Any]) -> list[np.ndarray]:
-    """Split the concatenated pixel_values into one [N_i, D] block per image (row order)."""
-    sizes = np.prod(np.asarray(batch["image_grid_thw"]), axis=1)
-    return np.split(np.asarray(batch["pixel_values"]), np.cumsum(sizes)[:-1])
-
-
 def vision_inputs(policy: Policy, batch: Mapping[str, Any], repeats: int = 1) -> dict[str, np.ndarray]:
-    """The vision tower's inputs for the batch's images, each repeated `repeats` times consecutively."""
-    images = _images_of(batch)
-    grid = np.asarray(batch["image_grid_thw"])
-    pixels = np.concatenate([img for img in images for _ in range(repeats)], axis=0)
-    return prepare_vision_inputs(pixels, np.repeat(grid, repeats, axis=0), policy.model_config.vision)
+    """The vision tower's inputs for the batch's images. With repeats=G the tower still encodes each image once
+    and emits its tokens G times consecutively (the G rollouts of a prompt share one image encoding)."""
+    return prepare_vision_inputs(
+        np.asarray(batch["pixel_values"]), np.asarray(batch["image_grid_thw"]), policy.model_config.vision,
+        repeats=repeats,
+    )
 
 
 def prompt_inputs(policy: Policy, batch: Mapping[str, Any]) -> dict[str, Any]:

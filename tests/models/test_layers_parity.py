@@ -136,3 +136,17 @@ def test_write_cache_layer_writes_only_the_slice():
 def test_unknown_activation_is_a_clear_error():
     with pytest.raises(ValueError, match="hidden_act"):
         layers.activation("relu6")
+
+
+def test_constrain_batch_is_identity_without_mesh_and_shards_under_one():
+    from balcap_jax.parallel.mesh import make_mesh
+
+    x = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
+    assert layers.constrain_batch(x) is x
+    mesh = make_mesh((2, 2, 2))
+    with jax.set_mesh(mesh):
+        out = jax.jit(layers.constrain_batch)(x)
+        odd = jax.jit(layers.constrain_batch)(x[:3])  # 3 rows do not split over 4 batch shards: left alone
+    assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(odd), np.asarray(x[:3]))

@@ -111,8 +111,7 @@ def test_from_hf_dict_rejects_other_architectures():
     with pytest.raises(ValueError, match="model_type must be 'llava'"):
         LlavaConfig.from_hf_dict({**LLAVA_HF_7B_CONFIG_JSON, "model_type": "llava_next"})
     with pytest.raises(ValueError, match="text_config.model_type must be 'llama'"):
-        LlavaConfig.from_hf_dict(
-            {**LLAVA_HF_7B_CONFIG_JSON, "text_config": {**LLAVA_HF_7B_CONFIG_JSON["text_config"], "model_type": "mistral"}}
-        )
+        mistral = {**LLAVA_HF_7B_CONFIG_JSON["text_config"], "model_type": "mistral"}
+        LlavaConfig.from_hf_dict({**LLAVA_HF_7B_CONFIG_JSON, "text_config": mistral})
     with pytest.raises(ValueError, match="no vision_config"):
         LlavaConfig.from_hf_dict({k: v for k, v in LLAVA_HF_7B_CONFIG_JSON.items() if k != "vision_config"})

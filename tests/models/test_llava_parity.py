@@ -370,6 +370,13 @@ def test_loader_names_the_offending_keys(hf_dir, tmp_path):
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
     with pytest.raises(HFWeightsError, match=r"missing.*model\.vision_tower\.encoder\.layers\.1\.mlp\.fc2\.bias"):
         llava_params.load_llava(tmp_path)
+    # An extra tensor: the error names it; known buffers (old checkpoints' position_ids) are skipped.
+    tensors = dict(iter_hf_tensors(hf_dir))
+    tensors["vision_tower.vision_model.embeddings.position_ids"] = np.arange(17, dtype=np.int64)[None]
+    tensors["multi_modal_projector.linear_3.weight"] = np.zeros((2, 2), np.float32)
+    write_safetensors(tmp_path / "model.safetensors", tensors, {"format": "pt"})
+    with pytest.raises(HFWeightsError, match=r"1 unexpected key.*multi_modal_projector\.linear_3\.weight"):
+        llava_params.load_llava(tmp_path)
 
 
 def test_parity_check_on_a_checkpoint_directory(hf_dir):

@@ -117,8 +117,11 @@ def test_image_seq_length_is_576_for_llava_1_5_and_follows_the_config():
 
 
 def test_placeholder_expansion_text_and_ids():
-    prompt = processor.format_llava_prompt("Describe the image in detail.")
+    prompt = processor.caption_prompt("Describe the image in detail.")
     assert prompt == "USER: <image>\nDescribe the image in detail. ASSISTANT:"
+    assert processor.caption_prompt("Hi", num_images=2, system_prompt="Be brief.") == (
+        "Be brief. USER: <image>\n<image>\nHi ASSISTANT:"
+    )
     expanded = processor.expand_image_placeholders(prompt, 576)
     assert expanded.count("<image>") == 576 and expanded.endswith("Describe the image in detail. ASSISTANT:")
     ids = processor.expand_image_token_ids([1, 5, 99, 7, 99, 8], image_token_id=99, tokens_per_image=3)
@@ -154,3 +157,33 @@ def test_make_batch_preprocesses_pil_images_for_the_model_size():
     batch = processor.make_batch(rows, [IMAGES["chelsea"]], cfg, pad_id=0)
     expected = processor.preprocess_image(IMAGES["chelsea"], processor.ClipImageProcessorConfig(56, 56))
     np.testing.assert_array_equal(batch["vision"]["pixel_values"][0], expected)
+
+
+class _WordTokenizer:
+    """A whitespace tokenizer with `<image>` as a special token split out of words (HF call convention)."""
+
+    BOS = 1
+
+    def __init__(self, image_token_id: int):
+        self.image_token_id = image_token_id
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        ids = [self.BOS] if add_special_tokens else []
+        for word in text.replace(processor.LLAVA_IMAGE_TOKEN, f" {processor.LLAVA_IMAGE_TOKEN} ").split():
+            ids.append(self.image_token_id if word == processor.LLAVA_IMAGE_TOKEN else 2 + len(word) % 50)
+        return {"input_ids": ids}
+
+
+def test_encode_prompt_expands_tokenizes_and_preprocesses():
+    cfg = llava_config.tiny(image_size=56)  # 16 tokens per image
+    tokenizer = _WordTokenizer(cfg.image_token_id)
+    text = processor.caption_prompt("Describe it.", num_images=2)
+    out = processor.encode_prompt(tokenizer, text, [IMAGES["coffee"], IMAGES["camera_gray"]], cfg)
+    assert out["input_ids"][0] == tokenizer.BOS
+    assert (out["input_ids"] == cfg.image_token_id).sum() == 32
+    np.testing.assert_array_equal(out["positions"], np.arange(len(out["input_ids"])))
+    assert out["pixel_values"].shape == (2, 56, 56, 3)
+    batch = processor.make_batch([out["input_ids"]], out["pixel_values"], cfg, pad_id=0)
+    assert batch["input_ids"].shape == (1, len(out["input_ids"]))
+    with pytest.raises(ValueError, match="2 <image> placeholder.* 1 image"):
+        processor.encode_prompt(tokenizer, text, [IMAGES["coffee"]], cfg)

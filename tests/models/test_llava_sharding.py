@@ -128,3 +128,41 @@ def test_load_from_hf_directory_straight_into_shards(model, tmp_path):
     assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (32, 64)
     for (name, a), (_, b) in zip(named_leaves(nnx.state(model)), named_leaves(nnx.state(loaded))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def test_sharded_prefill_and_decode_with_sharded_cache_equal_single_device(model, highest_precision):
+    """The sampler's path on the sampling layout: batch and KV cache over (data, fsdp), heads over tensor."""
+    from balcap_jax.models.interface import KVCache, next_text_positions
+
+    inputs = jax.tree.map(jnp.asarray, _batch(4))
+    spec = model.cache_spec()
+    cache = KVCache.zeros(num_layers=spec.num_layers, batch=4, max_len=32, num_kv_heads=spec.num_kv_heads,
+                          head_dim=spec.head_dim, dtype=jnp.float32)  # fmt: skip
+    tokens = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]], jnp.int32).T  # [B=4, steps=2]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def generate(state, inputs, cache):
+        model = nnx.merge(graphdef, state)
+        hidden, cache = model.prefill(inputs, cache)
+        logits = [model.logits(hidden[:, -1])]
+        position = next_text_positions(inputs["positions"], inputs["attention_mask"])
+        for step in range(tokens.shape[1]):
+            hidden, cache = model.decode(tokens[:, step], position + step, cache)
+            logits.append(model.logits(hidden))
+        return jnp.stack(logits, 1), cache
+
+    expected, _ = generate(state, inputs, cache)
+    mesh = make_mesh((2, 2, 2))
+    sharding = LlavaSharding.sampling()
+    cache = KVCache(
+        k=jax.device_put(cache.k, sharding.cache_sharding(mesh, cache.k.shape)),
+        v=jax.device_put(cache.v, sharding.cache_sharding(mesh, cache.v.shape)),
+        valid=jax.device_put(cache.valid, sharding.batch_sharding(mesh, cache.valid.shape)),
+        index=cache.index,
+    )
+    assert cache.k.sharding.spec == P(None, ("data", "fsdp"), None, "tensor")
+    with jax.set_mesh(mesh):
+        got, out_cache = generate(sharding.shard_params(state, mesh), sharding.shard_inputs(inputs, mesh), cache)
+    assert int(out_cache.index) == inputs["input_ids"].shape[1] + 2
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)

@@ -137,6 +137,7 @@ def test_output_embedding_and_logits_agree(models):
     assert isinstance(model, Qwen2_5_VL)
 
 
+@pytest.mark.slow  # two extra compilations of the whole model (fp32 and bf16)
 def test_bf16_model_and_cache_track_fp32():
     """bf16 weights, activations and KV cache (the production setting) stay close to the fp32 logits."""
     hf_model, ours32 = _build(False)

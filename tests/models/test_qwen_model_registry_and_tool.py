@@ -1,6 +1,8 @@
 """The model registry resolves every family; the parity CLI passes on a faithful checkpoint and fails on a
 corrupted one."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -33,12 +35,19 @@ def tiny_dir(tmp_path_factory):
     return directory
 
 
-def test_parity_cli_passes_on_the_same_weights(tiny_dir, capsys):
+def test_parity_cli_passes_on_the_same_weights_with_real_images(tiny_dir, capsys):
+    """Three real photographs (colour and grayscale, two aspect ratios) through our processor."""
+    import skimage
+
     assert registry.family_for_hf_dir(tiny_dir).name == "qwen2_5_vl"
-    code = parity.main(["--hf-dir", str(tiny_dir), "--prompt-tokens", "64", "--grids", "1,8,12;1,4,4"])
+    data = os.path.join(os.path.dirname(skimage.__file__), "data")
+    images = [os.path.join(data, name) for name in ("astronaut.png", "coffee.png", "camera.png")]
+    code = parity.main(["--hf-dir", str(tiny_dir), "--prompt-tokens", "64", "--max-pixels", str(160 * 160),
+                        "--images", *images])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
     assert "max |logit diff|" in out and "PASS" in out
+    assert "(1, 10, 10)" in out and "(1, 8, 12)" in out  # square and 2:3 (coffee, 400x600) photos
 
 
 def test_parity_cli_fails_when_our_weights_differ(tiny_dir, tmp_path, capsys, monkeypatch):

@@ -105,7 +105,8 @@ def test_sharded_forward_equals_single_device(reference, mesh_shape, layout):
     q_kernel = dict(named_leaves(sharded))["model.language_model.layers.0.self_attn.q_proj.kernel"]
     assert len(q_kernel.sharding.device_set) == 8 and not q_kernel.sharding.is_fully_replicated
     full_state = _with_params(graphdef, state, sharded)
-    with jax.default_matmul_precision("highest"):
+    # Under the mesh context the decoder also pins its activations to the batch axes (layers.constrain_batch).
+    with jax.default_matmul_precision("highest"), jax.set_mesh(mesh):
         out = np.asarray(_STEPS[layout](graphdef)(full_state, shard_inputs(inputs, mesh, sharding)))
     np.testing.assert_allclose(out, expected[layout], atol=1e-5)
 

@@ -56,11 +56,11 @@ def test_flat_and_nested_checkpoint_layouts_load_alike(hf_dir, tmp_path):
     """save_pretrained writes flat keys (`model.layers.*`, `visual.*`); the module layout (`state_dict()`
     names, `model.language_model.*`) loads to the same parameters; the nested export layout reloads too."""
     directory, hf_model = hf_dir
-    assert params.is_legacy_layout(hf_io.SafetensorsDirectory(directory).keys())
+    assert params.is_flat_layout(hf_io.SafetensorsDirectory(directory).keys())
     (tmp_path / "nested").mkdir()
     hf_io.write_safetensors(tmp_path / "nested" / "model.safetensors", fx.hf_state_numpy(hf_model), {"format": "pt"})
     (tmp_path / "nested" / "config.json").write_text((directory / "config.json").read_text())
-    assert not params.is_legacy_layout(hf_io.SafetensorsDirectory(tmp_path / "nested").keys())
+    assert not params.is_flat_layout(hf_io.SafetensorsDirectory(tmp_path / "nested").keys())
     reference = params.load_qwen2_5_vl(directory)
     params.save_qwen2_5_vl(reference, tmp_path / "nested_export", layout="nested")
     assert any(k.startswith("model.language_model.")

@@ -160,3 +160,20 @@ def test_sharded_inputs_stack_per_shard_buckets():
     np.testing.assert_array_equal(out["token_valid"][2], np.arange(128) < 9)
     with pytest.raises(ValueError, match="sum to the number of images"):
         vision_host.prepare_sharded_vision_inputs(pixels, grid, CONFIG, images_per_shard=[2, 2])
+
+
+def test_repeats_tile_each_images_tokens_without_repeating_patches():
+    grid = GRIDS[0]  # 60 + 56 + 9 tokens
+    n = int(np.prod(grid, axis=1).sum())
+    pixels = np.random.default_rng(0).normal(size=(n, CONFIG.patch_dim)).astype(np.float32)
+    once = vision_host.prepare_vision_inputs(pixels, grid, CONFIG)
+    thrice = vision_host.prepare_vision_inputs(pixels, grid, CONFIG, repeats=3)
+    for key in ("patches", "window_segment_ids", "full_segment_ids", "rotary_cos", "rotary_sin"):
+        np.testing.assert_array_equal(thrice[key], once[key])  # the tower still sees each image once
+    real = once["inverse_window_index"][:125]
+    expected = np.concatenate([np.tile(real[a:b], 3) for a, b in [(0, 60), (60, 116), (116, 125)]])
+    np.testing.assert_array_equal(thrice["inverse_window_index"][:375], expected)
+    np.testing.assert_array_equal(thrice["token_valid"], np.arange(3 * 128) < 375)
+    assert thrice["inverse_window_index"].max() < 128
+    with pytest.raises(ValueError, match="positive integer"):
+        vision_host.prepare_vision_inputs(pixels, grid, CONFIG, repeats=0)

@@ -192,6 +192,16 @@ def test_photos_through_processor_and_tower_match_hf(hf_tower, tower):
     np.testing.assert_allclose(out[: ref.shape[0]], ref, **TOL)
 
 
+def test_repeated_tokens_equal_the_tiled_single_pass(tower, pixels):
+    """`repeats=G` (G samples per prompt) gives each image's tokens G times from one pass of the tower."""
+    once = run_tower(tower, vision_host.prepare_vision_inputs(pixels, GRID, tower.config))
+    twice = run_tower(tower, vision_host.prepare_vision_inputs(pixels, GRID, tower.config, repeats=2))
+    expected = np.concatenate([np.tile(once[a:b], (2, 1)) for a, b in [(0, 60), (60, 116), (116, 125)]])
+    assert twice.shape == (256, 40)
+    np.testing.assert_array_equal(twice[:250], expected)
+    assert not twice[250:].any()
+
+
 def test_padding_patches_do_not_influence_real_tokens(tower, pixels):
     """Garbage in the padding patches and a larger bucket leave every real token unchanged."""
     tight = vision_host.prepare_vision_inputs(pixels, GRID, tower.config, bucket_sizes=None)  # 512

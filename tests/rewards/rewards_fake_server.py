@@ -32,6 +32,8 @@ import time
 from balcap_jax.rewards.judges.protocol import ImagePart, JudgeRequest, Message
 from balcap_jax.rewards.judges.scripted import RuleBasedResponder
 
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
+GARBAGE = "I am not sure what you mean."
 PERMANENT_FAULTS = ("http_500", "http_429", "drop", "timeout", "malformed_json", "empty_choices")
 TRANSIENT_FAULTS = PERMANENT_FAULTS + ("slow", "garbage_text")
 
@@ -119,6 +121,8 @@ class FakeOpenAIServer:
     def stats(self) -> dict:
         return {
             "http_requests": self.http_requests,
+            "process_cpu_s": time.process_time(),
+            "max_in_flight": self.max_in_flight,
             "faults": dict(self.faults),
             "bodies": len(self.attempts),
             "attempts": dict(self.attempts),
@@ -129,7 +133,7 @@ class FakeOpenAIServer:
 
     @staticmethod
     def _write(writer, status: int, payload: bytes, extra_headers: dict[str, str] | None = None) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}[status]
+        reason = _REASONS[status]
         headers = {"Content-Type": "application/json", "Content-Length": str(len(payload))} | (extra_headers or {})
         head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         writer.write(head.encode() + payload)
@@ -184,18 +188,18 @@ class FakeOpenAIServer:
             return True
         if fault == "slow":
             await asyncio.sleep(self.spec.slow_sleep_s)
+        def answer(one_body: dict) -> str:
+            return GARBAGE if fault == "garbage_text" else self.responder(request_from_body(one_body))
+
         if "prompt" in body:  # a list of prompts is a batched request: answer each, choices in reverse order
             prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
-            texts = [
-                "I am not sure what you mean." if fault == "garbage_text" else self.responder(request_from_body({"prompt": p}))
-                for p in prompts
-            ]
+            texts = [answer({"prompt": p}) for p in prompts]
             choices = [{"index": i, "text": t, "finish_reason": "stop"} for i, t in enumerate(texts)][::-1]
             payload = {"object": "text_completion", "choices": choices}
         else:
-            text = "I am not sure what you mean." if fault == "garbage_text" else self.responder(request_from_body(body))
-            message = {"role": "assistant", "content": text}
-            payload = {"object": "chat.completion", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+            message = {"role": "assistant", "content": answer(body)}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            payload = {"object": "chat.completion", "choices": [choice]}
         self._write(writer, 200, json.dumps(payload | {"model": body.get("model", "")}).encode())
         if fault != "garbage_text":
             self.successes[key] += 1

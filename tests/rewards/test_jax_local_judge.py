@@ -36,7 +36,8 @@ def test_linguistic_reward_from_an_in_process_model_end_to_end():
     items = [RewardItem(f"i{n}", f"A red ball number {n}.", ("ref",)) for n in range(6)]
     scores = asyncio.run(LinguisticReward(judge).score(items))
     assert [s.value for s in scores] == pytest.approx([((8 + 9 + 7) / 3 - 1) / 9] * 6)
-    assert all(s.errors == 0 and s.record["scores"] == {"clarity": 8.0, "fluency": 9.0, "coherence": 7.0} for s in scores)
+    parsed = {"clarity": 8.0, "fluency": 9.0, "coherence": 7.0}
+    assert all(s.errors == 0 and s.record["scores"] == parsed for s in scores)
     # 6 concurrent requests were micro-batched into fixed batches of 4 rows: 2 sampler calls, 1 compiled pair.
     assert judge.batches_run == 2 and judge.sampler.compiled_variants == 2
     judge.close()

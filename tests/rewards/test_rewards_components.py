@@ -62,7 +62,8 @@ def test_precision_sends_text_to_the_llm_and_the_image_to_the_vlm():
     run(PrecisionReward(text_judge, visual_judge), [item("A red ball. A blue cube.")])
     [decompose] = text_judge.requests
     [verify] = visual_judge.requests
-    assert not decompose.has_images and "<description>\nA red ball. A blue cube.\n</description>" in decompose.messages[0].text
+    assert not decompose.has_images
+    assert "<description>\nA red ball. A blue cube.\n</description>" in decompose.messages[0].text
     assert verify.messages[0].images == (ImagePart(IMAGE),)
     claims = [json.loads(line) for line in tagged_section(verify.messages[0].text, "claims").splitlines()]
     assert claims == [{"id": "c1", "claim": "A red ball"}, {"id": "c2", "claim": "A blue cube"}]
@@ -193,7 +194,8 @@ def test_caprl_draws_are_deterministic_shuffled_and_end_with_cannot_answer():
 def test_caprl_accuracy_from_caption_alone():
     judge = ScriptedJudge(RuleBasedResponder())
     reward = CapRLQAReward(judge)
-    full, partial, empty = run(reward, [qa_item("One red ball lies on the floor."), qa_item("A red ball."), qa_item("")])
+    items = [qa_item("One red ball lies on the floor."), qa_item("A red ball."), qa_item("")]
+    full, partial, empty = run(reward, items)
     assert full.value == 1.0 and full.errors == 0 and len(full.record["draws"]) == 8
     draws = partial.record["draws"]
     expected = sum(d["options"][d["correct"]] == "red" for d in draws) / 8
@@ -237,3 +239,16 @@ def test_adversarial_judge_outputs_never_raise_out_of_components(replies):
             assert score.errors >= 1 or "reason" in score.record, (component.name, score.record)
         else:
             assert 0.0 <= score.value <= 1.0
+
+
+def test_prompts_are_versioned_files_with_checked_fields():
+    from balcap_jax.rewards.prompt_templates import available_prompts, render_prompt
+
+    names = ("caption_qa", "coverage", "decompose_claims", "linguistic", "verify_claims")
+    assert available_prompts() == {name: (1,) for name in names}
+    text = render_prompt("linguistic", 1, caption="A $5 {ball}.")
+    assert "<caption>\nA $5 {ball}.\n</caption>" in text  # user text is data, never re-interpreted
+    with pytest.raises(ValueError, match=r"missing \['caption'\], unknown \['captoin'\]"):
+        render_prompt("linguistic", 1, captoin="x")
+    with pytest.raises(ValueError, match="no prompt 'linguistic' version 7"):
+        render_prompt("linguistic", 7, caption="x")

@@ -80,6 +80,9 @@ def test_cli_rejects_bad_input_naming_the_line(tmp_path, capsys):
         score.main(argv + ["--components", "precision,bleu"])
     with pytest.raises(SystemExit):
         score.main(argv + ["--vlm-judge-url", "http://127.0.0.1:9/v1"])
+    with pytest.raises(SystemExit):
+        score.main(argv + ["--judge-api", "completions"])
+    assert "completions API cannot carry" in capsys.readouterr().err
 
 
 def test_cli_runs_as_a_module_with_a_separate_vlm_judge(fake_server, tmp_path):

@@ -120,28 +120,43 @@ class MicroBatchTest(chex.TestCase):
             split_micro_batches({**batch, "vision": jnp.ones((20, 4))}, 2)
 
 
+SCHEDULE_CONFIG = OptimizerConfig(learning_rate=1e-2, warmup_steps=2)
+OPTIMIZER = make_optimizer(SCHEDULE_CONFIG)
+LOSS_CONFIG = LossConfig(kl_coef=0.1, entropy_coef=0.01, aggregation="seq-mean-token-mean")
+
+
+@functools.cache
+def _toy_step(micro_batches: int, donate: bool):
+    """Update steps shared by the tests below, so each variant compiles once per session."""
+    graphdef, _ = _toy()
+    return make_update_step(
+        make_log_prob_fn(graphdef, chunk_size=5), OPTIMIZER, LOSS_CONFIG, micro_batches=micro_batches,
+        donate=donate, learning_rate_fn=make_lr_schedule(SCHEDULE_CONFIG),
+    )
+
+
+def _fresh_state():
+    return TrainState.create(_toy()[1], OPTIMIZER)
+
+
 def test_micro_batches_give_the_same_update_as_one_batch():
-    graphdef, params = _toy()
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2))
-    log_prob_fn = make_log_prob_fn(graphdef, chunk_size=5)
-    config = LossConfig(kl_coef=0.1, entropy_coef=0.01, aggregation="seq-mean-token-mean")
     batch = _batch()
-    results = []
-    for micro_batches in (1, 4):
-        step = make_update_step(log_prob_fn, optimizer, config, micro_batches=micro_batches, donate=False)
-        results.append(step(TrainState.create(params, optimizer), batch))
-    (state_1, metrics_1), (state_4, metrics_4) = results
+    state_1, metrics_1 = _toy_step(1, False)(_fresh_state(), batch)
+    state_4, metrics_4 = _toy_step(4, False)(_fresh_state(), batch)
+    state_1, metrics_1 = _toy_step(1, False)(state_1, _batch(seed=1))  # past warmup step 0 (lr 0)
+    state_4, metrics_4 = _toy_step(4, False)(state_4, _batch(seed=1))
     chex.assert_trees_all_close(state_4.params, state_1.params, atol=1e-6, rtol=1e-6)
     chex.assert_trees_all_close(metrics_4, metrics_1, atol=1e-6, rtol=1e-5)
     assert float(metrics_1["grad_norm"]) > 0 and float(metrics_1["skipped"]) == 0.0
+    assert float(metrics_1["learning_rate"]) > 0
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state_1.params), jax.tree.leaves(_toy()[1]))
+    )
 
 
 def test_non_finite_step_is_skipped_and_counted_then_training_resumes():
-    graphdef, params = _toy()
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=2))
-    step = make_update_step(make_log_prob_fn(graphdef), optimizer, LossConfig(), micro_batches=2, donate=False,
-                            learning_rate_fn=make_lr_schedule(OptimizerConfig(learning_rate=1e-2, warmup_steps=2)))
-    state = TrainState.create(params, optimizer)
+    step = _toy_step(4, False)
+    state = _fresh_state()
     bad = _batch()
     bad["advantages"] = bad["advantages"].at[3].set(jnp.nan)
     skipped_state, metrics = step(state, bad)
@@ -163,32 +178,26 @@ def test_non_finite_step_is_skipped_and_counted_then_training_resumes():
 
 
 def test_state_is_donated():
-    graphdef, params = _toy()
-    optimizer = make_optimizer(OptimizerConfig())
-    log_prob_fn = make_log_prob_fn(graphdef)
-    state = TrainState.create(params, optimizer)
-    kept, _ = make_update_step(log_prob_fn, optimizer, LossConfig(), donate=False)(state, _batch())
+    state = _fresh_state()
+    kept, _ = _toy_step(1, False)(state, _batch())
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
-    make_update_step(log_prob_fn, optimizer, LossConfig())(kept, _batch())
+    _toy_step(1, True)(kept, _batch())
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(kept.params))
 
 
 def test_batch_validation():
-    graphdef, params = _toy()
-    optimizer = make_optimizer(OptimizerConfig())
-    state = TrainState.create(params, optimizer)
-    log_prob_fn = make_log_prob_fn(graphdef)
-    batch = _batch()
-    step = make_update_step(log_prob_fn, optimizer, LossConfig(), donate=False)
+    state, batch = _fresh_state(), _batch()
+    step = _toy_step(1, False)
     with pytest.raises(ValueError, match="missing keys"):
         step(state, {k: v for k, v in batch.items() if k != "advantages"})
-    with_kl = make_update_step(log_prob_fn, optimizer, LossConfig(kl_coef=0.1), donate=False)
-    with pytest.raises(ValueError, match="ref_logprobs"):
-        with_kl(state, {k: v for k, v in batch.items() if k != "ref_logprobs"})
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="ref_logprobs"):  # LOSS_CONFIG has kl_coef > 0
+        step(state, {k: v for k, v in batch.items() if k != "ref_logprobs"})
+    with pytest.raises(ValueError, match=r"batch\['advantages'\] has shape \(8, 3\), expected \(8,\)"):
         step(state, {**batch, "advantages": jnp.zeros((8, 3))})
+    with pytest.raises(ValueError, match="old_logprobs"):
+        step(state, {**batch, "old_logprobs": jnp.zeros((8, 4))})
     with pytest.raises(ValueError, match="micro_batches"):
-        make_update_step(log_prob_fn, optimizer, LossConfig(), micro_batches=0)
+        make_update_step(make_log_prob_fn(_toy()[0]), OPTIMIZER, LOSS_CONFIG, micro_batches=0)
 
 
 # ------------------------------------------------------------------------------------------------------------------

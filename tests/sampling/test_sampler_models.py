@@ -122,6 +122,8 @@ def test_sampled_logprobs_equal_training_forward_and_tiling_equals_separate_pref
     separate = sampler(state, policy.repeat_rows(GROUP), _config(policy, strategy=strategy, group_size=1), key)
     np.testing.assert_array_equal(np.asarray(tiled.tokens), np.asarray(separate.tokens))
     np.testing.assert_allclose(np.asarray(tiled.logprobs), np.asarray(separate.logprobs), atol=1e-5)
+    groups = np.asarray(tiled.tokens).reshape(-1, GROUP, NEW_TOKENS)
+    assert any(not np.array_equal(rows[0], rows[1]) for rows in groups), "a group's samples share the prefill only"
 
     config = _config(policy, strategy=strategy, group_size=GROUP)
     repeated = sampler.prepare_prompts(policy.repeat_rows(GROUP), config)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balcap_jax.sampling import Greedy, SamplerConfig, Temperature, TopP, tempered_log_probs
-from balcap_jax.sampling.strategies import mask_outside_nucleus, mask_outside_top_k
+from balcap_jax.sampling.strategies import mask_outside_nucleus, mask_outside_top_k, sample_categorical
 
 
 def nucleus_reference(logits: np.ndarray, top_p: float) -> np.ndarray:
@@ -96,3 +96,12 @@ def test_config_is_hashable_and_buckets():
     assert a.bucket_for(1) == 8 and a.bucket_for(8) == 8 and a.bucket_for(9) == 16
     with pytest.raises(ValueError, match="prompt_buckets"):
         a.bucket_for(17)
+
+
+def test_inverse_cdf_sampler_matches_distribution_and_never_draws_excluded_tokens():
+    logits = jnp.asarray([[1.0, -jnp.inf, 0.0, 2.0, -jnp.inf], [-jnp.inf, -jnp.inf, 3.0, -jnp.inf, -jnp.inf]])
+    keys = jax.random.split(jax.random.key(3), 20_000)
+    draws = np.asarray(jax.vmap(lambda k: sample_categorical(k, logits))(keys))
+    assert (draws[:, 1] == 2).all()
+    freq = np.bincount(draws[:, 0], minlength=5) / len(draws)
+    np.testing.assert_allclose(freq, np.asarray(jax.nn.softmax(logits[0])), atol=0.012)

@@ -3,7 +3,13 @@
 from balcap_jax.models.llava.config import CLIPVisionConfig, LlavaConfig, llava_1_5_7b, llava_1_5_13b, tiny
 from balcap_jax.models.llava.model import LlavaForCausalLM
 from balcap_jax.models.llava.params import abstract_llava, llava_param_mapping, load_llava, save_llava
-from balcap_jax.models.llava.processor import ClipImageProcessorConfig, make_batch, preprocess_images
+from balcap_jax.models.llava.processor import (
+    ClipImageProcessorConfig,
+    caption_prompt,
+    encode_prompt,
+    make_batch,
+    preprocess_images,
+)
 from balcap_jax.models.llava.sharding import LlavaSharding
 
 __all__ = [
@@ -13,6 +19,8 @@ __all__ = [
     "LlavaForCausalLM",
     "LlavaSharding",
     "abstract_llava",
+    "caption_prompt",
+    "encode_prompt",
     "llava_1_5_13b",
     "llava_1_5_7b",
     "llava_param_mapping",

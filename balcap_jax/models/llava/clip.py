@@ -105,21 +105,23 @@ class CLIPAttention(nnx.Module):
         split = lambda t: t.reshape(n, s, self.num_heads, self.head_dim)  # noqa: E731
         q = split(self.q_proj(x)) * self.head_dim**-0.5
         k, v = split(self.k_proj(x)), split(self.v_proj(x))
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, s, self.num_heads * self.head_dim)
         return self.out_proj(out)
 
 
 class CLIPMLP(nnx.Module):
     def __init__(self, config: CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.act = activation(config.hidden_act)
+        # The name, not the function, is stored: static module attributes are part of the graphdef, which must
+        # compare equal across model instances for jit caches to be shared.
+        self.act_name = config.hidden_act
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc1 = nnx.Linear(config.hidden_size, config.intermediate_size, **kw)
         self.fc2 = nnx.Linear(config.intermediate_size, config.hidden_size, **kw)
 
     def __call__(self, x: Array) -> Array:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(activation(self.act_name)(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nnx.Module):

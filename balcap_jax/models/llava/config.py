@@ -1,7 +1,9 @@
 """LLaVA-1.5 configuration: a CLIP vision tower, a 2-layer projector and a Llama decoder.
 
-Field names follow the HF `config.json` of `llava-hf/llava-1.5-*-hf` so `LlavaConfig.from_hf_dict` is a
-rename, not a translation; the presets (`llava_1_5_7b`, `llava_1_5_13b`) reproduce those files' shapes.
+`CLIPVisionConfig` and the top-level `LlavaConfig` fields carry HF's names; the decoder is the `DecoderConfig`
+shared with Qwen2 (`qwen2_5_vl/text.py`, 1-D RoPE, no q/k/v bias). `LlavaConfig.from_hf_dict` reads a
+`config.json` of either transformers generation (keys it omits take HF's class defaults, as transformers
+does) and `to_hf_dict` writes one back; the presets reproduce `llava-hf/llava-1.5-{7b,13b}-hf`.
 """
 
 from __future__ import annotations

@@ -30,19 +30,22 @@ from balcap_jax.models.qwen2_5_vl.text import TextModel
 Array = jax.Array
 
 
-def scatter_image_features(embeds: Array, input_ids: Array, image_token_id: int, features: Array) -> Array:
+def scatter_image_features(
+    embeds: Array, input_ids: Array, attention_mask: Array, image_token_id: int, features: Array
+) -> Array:
     """Put image features into the placeholder slots, in row-major order (HF's `masked_scatter`).
 
-    embeds [B, T, D]; input_ids int[B, T]; features [N, P, D]. Placeholder k (counting row-major over the
-    batch) receives features.reshape(N * P, D)[k]. Extra placeholders (a host-side bug) reuse the last feature
-    row instead of reading out of bounds; `processor.check_image_token_count` rejects such batches earlier.
+    embeds [B, T, D]; input_ids int[B, T]; attention_mask bool[B, T]; features [N, P, D]. Placeholder k
+    (counting row-major over the real tokens of the batch) receives features.reshape(N * P, D)[k]; padding is
+    never a placeholder, whatever its id. Extra placeholders (a host-side bug) reuse the last feature row
+    instead of reading out of bounds; `processor.check_image_token_count` rejects such batches earlier.
     """
-    chex.assert_rank([embeds, input_ids, features], [3, 2, 3])
+    chex.assert_rank([embeds, input_ids, attention_mask, features], [3, 2, 2, 3])
     batch, length, width = embeds.shape
     if features.shape[-1] != width:
         raise ValueError(f"image features have width {features.shape[-1]}, text embeddings {width}")
     flat_features = features.reshape(-1, width).astype(embeds.dtype)
-    is_image = (input_ids == image_token_id).reshape(-1)
+    is_image = ((input_ids == image_token_id) & attention_mask.astype(bool)).reshape(-1)
     order = jnp.clip(jnp.cumsum(is_image) - 1, 0, flat_features.shape[0] - 1)
     gathered = jnp.take(flat_features, order, axis=0)
     out = jnp.where(is_image[:, None], gathered, embeds.reshape(-1, width))
@@ -81,7 +84,9 @@ class LlavaModel(nnx.Module):
         if vision is None or vision["pixel_values"].shape[0] == 0:
             return embeds
         features = self.image_features(vision["pixel_values"])
-        return scatter_image_features(embeds, input_ids, self.config.image_token_id, features)
+        return scatter_image_features(
+            embeds, input_ids, inputs["attention_mask"], self.config.image_token_id, features
+        )
 
 
 class LlavaForCausalLM(nnx.Module):

@@ -115,11 +115,13 @@ def save_llava(
 
     `dtype` casts every tensor (e.g. `jnp.bfloat16` for serving); default keeps the state's dtypes."""
     state = nnx.state(model, nnx.Param)
+    dtype_name = _torch_dtype_name(state, dtype)
     return save_hf_state(
         state,
         directory,
         llava_param_mapping(model.config, layout=layout),
-        config=model.config.to_hf_dict() | {"torch_dtype": _torch_dtype_name(state, dtype)},
+        # transformers 5 reads `dtype`, 4.x and vLLM `torch_dtype`.
+        config=model.config.to_hf_dict() | {"dtype": dtype_name, "torch_dtype": dtype_name},
         dtype=dtype,
         max_shard_size=max_shard_size,
     )

@@ -75,7 +75,8 @@ def hf_logits(hf_model, batch: dict[str, Any]) -> np.ndarray:
         position_ids=torch.from_numpy(batch["positions"].astype(np.int64)),
     )
     if "vision" in batch:
-        kwargs["pixel_values"] = torch.from_numpy(np.ascontiguousarray(np.moveaxis(batch["vision"]["pixel_values"], -1, 1)))
+        channels_first = np.moveaxis(batch["vision"]["pixel_values"], -1, 1)
+        kwargs["pixel_values"] = torch.from_numpy(np.ascontiguousarray(channels_first))
     with torch.no_grad():
         return hf_model(**kwargs).logits.float().numpy()
 

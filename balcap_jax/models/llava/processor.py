@@ -175,11 +175,45 @@ def expand_image_token_ids(token_ids: Sequence[int], image_token_id: int, tokens
     return out
 
 
-def format_llava_prompt(instruction: str, *, num_images: int = 1, system: str | None = None) -> str:
-    """LLaVA-1.5's conversation template: `USER: <image>\\n{instruction} ASSISTANT:` (one `<image>` per image)."""
+def caption_prompt(instruction: str, *, num_images: int = 1, system_prompt: str | None = None) -> str:
+    """LLaVA-1.5's conversation template (llava-hf's chat template with `add_generation_prompt`):
+    `[{system_prompt} ]USER: <image>\\n{instruction} ASSISTANT:`, one `<image>\\n` per image."""
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
     images = (LLAVA_IMAGE_TOKEN + "\n") * num_images
-    prefix = f"{system} " if system else ""
+    prefix = f"{system_prompt} " if system_prompt else ""
     return f"{prefix}USER: {images}{instruction} ASSISTANT:"
+
+
+def encode_prompt(
+    tokenizer,
+    text: str,
+    images: Sequence[Image.Image],
+    config: LlavaConfig,
+    *,
+    image_config: ClipImageProcessorConfig | None = None,
+    add_special_tokens: bool = True,
+) -> dict[str, np.ndarray]:
+    """Tokenize one prompt with its images (one `<image>` per image in `text`), as HF's LlavaProcessor does:
+    expand each `<image>` to `image_seq_length` copies, then tokenize (BOS added by default).
+
+    `tokenizer` is any HF-style callable returning {"input_ids": [...]}, whose vocabulary maps `<image>` to
+    `config.image_token_id`. Returns input_ids int32[T], positions int32[T] (0..T-1) and, with images,
+    pixel_values float32[N, S, S, 3].
+    """
+    placeholders = text.count(LLAVA_IMAGE_TOKEN)
+    if placeholders != len(images):
+        raise ValueError(
+            f"the prompt has {placeholders} {LLAVA_IMAGE_TOKEN} placeholder(s) but {len(images)} image(s) were "
+            "given; put exactly one placeholder per image (caption_prompt does)"
+        )
+    expanded = expand_image_placeholders(text, config.image_seq_length)
+    input_ids = np.asarray(tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"], np.int32)
+    check_image_token_count(input_ids, len(images), config)
+    out = {"input_ids": input_ids, "positions": np.arange(len(input_ids), dtype=np.int32)}
+    if images:
+        out["pixel_values"] = preprocess_images(images, image_config or ClipImageProcessorConfig.for_model(config))
+    return out
 
 
 def check_image_token_count(input_ids: np.ndarray, num_images: int, config: LlavaConfig) -> None:

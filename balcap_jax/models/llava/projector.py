@@ -17,8 +17,8 @@ class LlavaMultiModalProjector(nnx.Module):
         width = config.text.hidden_size
         kw = dict(use_bias=config.multimodal_projector_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear_1 = nnx.Linear(config.projector_in_features, width, **kw)
-        self.act = activation(config.projector_hidden_act)
+        self.act_name = config.projector_hidden_act  # a name keeps the graphdef comparable across instances
         self.linear_2 = nnx.Linear(width, width, **kw)
 
     def __call__(self, image_features: jax.Array) -> jax.Array:
-        return self.linear_2(self.act(self.linear_1(image_features)))
+        return self.linear_2(activation(self.act_name)(self.linear_1(image_features)))

@@ -4,8 +4,9 @@ Our attribute names mirror `Qwen2_5_VLForConditionalGeneration`, so the generic 
 (`kernel[in, out]` <-> `weight[out, in]`, `scale`/`embedding` <-> `weight`, `bias` unchanged) map every tensor;
 the vision tower declares its one exception (the Conv3d patch embedding) in `vision.hf_special_cases`.
 This file adds what is Qwen-specific:
-  * the older checkpoint layout (`model.layers.*`, `visual.*`: the released Qwen/Qwen2.5-VL-*-Instruct repos),
-    accepted on load; exports use the current (`model.language_model.*`, `model.visual.*`) layout;
+  * two key layouts: the flat one of checkpoint files (`model.layers.*`, `visual.*`; the released repos, and what
+    transformers 5 `save_pretrained` still writes) and the nested module one (`model.language_model.*`,
+    `model.visual.*`; `state_dict()` names). Both load; exports write the flat one by default;
   * the tied `lm_head.weight` that some checkpoints still carry for tied models (3B), ignored on load;
   * loading straight into sharded arrays (`load_qwen2_5_vl`), exporting (`save_qwen2_5_vl`), and an in-memory
     converter for torch state dicts (`from_hf_tensors`, used by tests and the parity tool).
@@ -24,17 +25,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from balcap_jax.models import hf_io
-from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig  # noqa: F401  (re-exported)
+from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from balcap_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-from balcap_jax.models.qwen2_5_vl.vision import hf_special_cases
 from balcap_jax.models.qwen2_5_vl.sharding import QwenSharding
+from balcap_jax.models.qwen2_5_vl.vision import hf_special_cases
 from balcap_jax.parallel.sharding import map_with_names, named_leaves
 
 # Checkpoint files keep the flat key layout (`model.layers.*`, `visual.*`, `lm_head.*`): the released repos use
 # it and transformers 5 still writes it on save (its modules nest as `model.language_model.*` /
 # `model.visual.*`, which is also what `state_dict()` returns and what we mirror).
 # (file prefix, module prefix) pairs, applied to checkpoints in the flat layout when loading:
-LEGACY_CHECKPOINT_ALIASES: tuple[tuple[str, str], ...] = (
+FLAT_CHECKPOINT_ALIASES: tuple[tuple[str, str], ...] = (
     ("visual.", "model.visual."),
     ("model.", "model.language_model."),
 )
@@ -46,7 +47,7 @@ FLAT_EXPORT_PREFIXES: tuple[tuple[str, str], ...] = (
 Layout = Literal["flat", "nested"]
 
 
-def is_legacy_layout(checkpoint_keys: Iterable[str]) -> bool:
+def is_flat_layout(checkpoint_keys: Iterable[str]) -> bool:
     """True for checkpoints with flat `model.layers.*` / `visual.*` keys (no `model.language_model.` nesting)."""
     keys = list(checkpoint_keys)
     return any(k.startswith("visual.") for k in keys) or any(
@@ -64,7 +65,7 @@ def qwen2_5_vl_mapping(
     return hf_io.ParamMapping(
         prefix_renames=FLAT_EXPORT_PREFIXES if export_layout == "flat" else (),
         special_cases=hf_special_cases(),
-        checkpoint_aliases=LEGACY_CHECKPOINT_ALIASES if is_legacy_layout(checkpoint_keys) else (),
+        checkpoint_aliases=FLAT_CHECKPOINT_ALIASES if is_flat_layout(checkpoint_keys) else (),
         ignore_unexpected=(r"lm_head\.weight",) if config.text.tie_word_embeddings else (),
     )
 

@@ -26,6 +26,7 @@ from balcap_jax.models.layers import (
     SwiGLU,
     apply_rotary,
     causal_mask,
+    constrain_batch,
     dot_product_attention,
     mrope_cos_sin,
     rope_cos_sin,
@@ -236,11 +237,13 @@ class TextModel(nnx.Module):
         return rope_cos_sin(positions, inv_freq)
 
     def _layers(self, x, cos, sin, mask, cache_kv, write_slot):
+        x = constrain_batch(x)
         for i, layer in enumerate(self.layers):
             if self.remat and cache_kv is None:
                 x, _ = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask)
             else:
                 x, cache_kv = layer(x, cos, sin, mask, cache_kv, i, write_slot)
+            x = constrain_batch(x)
         return self.norm(x), cache_kv
 
     # -- entry points ---------------------------------------------------------------------------------------

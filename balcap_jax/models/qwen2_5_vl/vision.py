@@ -350,8 +350,9 @@ class VisionTower(nnx.Module):
     """Qwen2.5-VL vision encoder: patches of a batch of images -> language-model image embeddings.
 
     `__call__(vision_inputs)` takes the dict of `vision_host.prepare_vision_inputs` (as arrays) and returns
-    image_embeds [M, out_hidden_size], M = padded patches / merge²: the embeddings of every image token in
-    processor order (image after image), followed by zero rows for bucket padding (`token_valid` False).
+    image_embeds [M, out_hidden_size], M = repeats * padded patches / merge²: the embeddings of every image token
+    in processor order (image after image, each image's run `repeats` times), followed by zero rows for bucket
+    padding (`token_valid` False).
 
     Inputs with a leading shard axis (`vision_host.prepare_sharded_vision_inputs`: patches [S, P, C*T*p*p], ...)
     are encoded shard by shard (vmapped) into [S, M, out_hidden_size]; sharding that axis like the batch keeps
@@ -423,7 +424,12 @@ def _check_vision_inputs(inputs: VisionInputs, config: VisionConfig) -> None:
         )
     chex.assert_shape([inputs["window_segment_ids"], inputs["full_segment_ids"]], (n,))
     chex.assert_shape([inputs["rotary_cos"], inputs["rotary_sin"]], (n, config.head_dim))
-    chex.assert_shape([inputs["inverse_window_index"], inputs["token_valid"]], (n // config.merge_unit,))
+    outputs = inputs["inverse_window_index"].shape
+    if len(outputs) != 1 or outputs[0] % (n // config.merge_unit):
+        raise ValueError(
+            f"inverse_window_index has shape {outputs}; expected [repeats * {n // config.merge_unit}] for {n} patches"
+        )
+    chex.assert_shape(inputs["token_valid"], outputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

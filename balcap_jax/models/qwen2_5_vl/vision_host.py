@@ -186,6 +186,7 @@ def prepare_vision_inputs(
     config: VisionConfig,
     *,
     bucket_sizes: Sequence[int] | None = DEFAULT_PATCH_BUCKETS,
+    repeats: int = 1,
 ) -> dict[str, np.ndarray]:
     """Everything the jitted `VisionTower` needs for a batch of images, padded to a patch bucket.
 
@@ -194,14 +195,17 @@ def prepare_vision_inputs(
     grid_thw: int[n_images, 3]; N must equal sum(t*h*w).
     bucket_sizes: allowed padded patch counts (multiples of `config.window_patches`); None pads only to the next
         multiple of `config.window_patches` (one compilation per distinct patch count).
+    repeats: emit each image's tokens this many times in a row (image 0 x repeats, image 1 x repeats, ...), as
+        a batch holding G samples per prompt needs. The tower still encodes every image once: the copies are a
+        gather of its output (and their gradients add up), so this costs 1/repeats of repeating the pixels.
 
-    Returns a dict of numpy arrays, with P the padded patch count and M = P / merge²:
+    Returns a dict of numpy arrays, with P the padded patch count and M = repeats * P / merge²:
       "patches":              float32[P, C*T*p*p]  patches in window order; padding rows are zero.
       "window_segment_ids":   int32[P]   attention segment of each patch in windowed blocks (one per window).
       "full_segment_ids":     int32[P]   attention segment in full-attention blocks (one per image frame).
       "rotary_cos", "rotary_sin": float32[P, head_dim]  2-D rotary tables in window order.
       "inverse_window_index": int32[M]   for each output token (processor order), its window-order merged row.
-      "token_valid":          bool[M]    True for the sum(t*h*w)/merge² real tokens, which come first.
+      "token_valid":          bool[M]    True for the repeats * sum(t*h*w)/merge² real tokens, which come first.
     Padding patches form their own segment in both segmentations, so they never influence real patches.
     """
     grid = validate_grid_thw(grid_thw, config.spatial_merge_size)
@@ -217,6 +221,8 @@ def prepare_vision_inputs(
             f"pixel_values has {pixels.shape[0]} patches but grid_thw {grid.tolist()} describes {num_patches}; "
             "pass the pixel_values and grid_thw of the same images"
         )
+    if int(repeats) != repeats or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer; got {repeats}")
     unit = config.merge_unit
     layout = window_layout(
         grid,
@@ -235,33 +241,42 @@ def prepare_vision_inputs(
     positions[:num_patches] = merge_order_positions(grid, config.spatial_merge_size)[patch_order]
     cos, sin = vision_rotary_tables(positions, head_dim=config.head_dim, theta=config.rope_theta)
 
-    num_units, padded_units = num_patches // unit, padded // unit
+    # Output token k (processor order, each image's run repeated) reads window-order merged row inverse[k];
+    # rows past the real tokens read any in-range row: token_valid zeroes them.
+    to_window_order = np.argsort(layout.window_index)
+    token_bounds = np.concatenate([[0], np.cumsum(num_image_tokens(grid, config.spatial_merge_size))])
+    real = np.concatenate(
+        [np.tile(to_window_order[a:b], int(repeats)) for a, b in zip(token_bounds[:-1], token_bounds[1:])]
+    )
+    padded_units = padded // unit
+    outputs = int(repeats) * padded_units
+    inverse = np.arange(outputs, dtype=np.int64) % padded_units
+    inverse[: real.size] = real
     # Window order only moves units within their frame, so frames stay contiguous and the per-frame
     # segments of full attention apply unchanged to the permuted sequence.
-    inverse = np.arange(padded_units, dtype=np.int32)
-    inverse[:num_units] = np.argsort(layout.window_index).astype(np.int32)
     return {
         "patches": patches,
         "window_segment_ids": segment_ids_from_lengths(layout.window_lengths * unit, padded),
         "full_segment_ids": segment_ids_from_lengths(frame_lengths(grid), padded),
         "rotary_cos": cos,
         "rotary_sin": sin,
-        "inverse_window_index": inverse,
-        "token_valid": np.arange(padded_units) < num_units,
+        "inverse_window_index": inverse.astype(np.int32),
+        "token_valid": np.arange(outputs) < real.size,
     }
 
 
-def empty_vision_inputs(config: VisionConfig, padded_patches: int) -> dict[str, np.ndarray]:
+def empty_vision_inputs(config: VisionConfig, padded_patches: int, *, repeats: int = 1) -> dict[str, np.ndarray]:
     """`prepare_vision_inputs`' layout for a bucket holding no image (all padding, no valid token)."""
     units = padded_patches // config.merge_unit
+    outputs = repeats * units
     return {
         "patches": np.zeros((padded_patches, config.patch_dim), np.float32),
         "window_segment_ids": np.zeros((padded_patches,), np.int32),
         "full_segment_ids": np.zeros((padded_patches,), np.int32),
         "rotary_cos": np.ones((padded_patches, config.head_dim), np.float32),
         "rotary_sin": np.zeros((padded_patches, config.head_dim), np.float32),
-        "inverse_window_index": np.arange(units, dtype=np.int32),
-        "token_valid": np.zeros((units,), bool),
+        "inverse_window_index": (np.arange(outputs) % units).astype(np.int32),
+        "token_valid": np.zeros((outputs,), bool),
     }
 
 
@@ -272,12 +287,13 @@ def prepare_sharded_vision_inputs(
     *,
     images_per_shard: Sequence[int],
     bucket_sizes: Sequence[int] | None = DEFAULT_PATCH_BUCKETS,
+    repeats: int = 1,
 ) -> dict[str, np.ndarray]:
     """`prepare_vision_inputs` for a batch split into S shards (e.g. the rows each data-parallel device holds).
 
     The images (in batch order) are dealt out consecutively, `images_per_shard[s]` to shard s (0 allowed); all
     shards share the bucket of the fullest one. Every array gains a leading axis S, and `VisionTower` returns
-    [S, M, D]: shard s's image tokens first in row s, then padding.
+    [S, M, D]: shard s's image tokens first in row s, then padding. `repeats` as in `prepare_vision_inputs`.
     """
     grid = validate_grid_thw(grid_thw, config.spatial_merge_size)
     counts = [int(c) for c in images_per_shard]
@@ -297,9 +313,9 @@ def prepare_sharded_vision_inputs(
     fullest = int(np.max(np.diff(patch_bounds)))
     padded = choose_bucket(max(fullest, 1), bucket_sizes, multiple=config.window_patches)
     shards = [
-        prepare_vision_inputs(pixel_values[p0:p1], grid[i0:i1], config, bucket_sizes=(padded,))
+        prepare_vision_inputs(pixel_values[p0:p1], grid[i0:i1], config, bucket_sizes=(padded,), repeats=repeats)
         if i1 > i0
-        else empty_vision_inputs(config, padded)
+        else empty_vision_inputs(config, padded, repeats=repeats)
         for i0, i1, p0, p1 in zip(image_bounds[:-1], image_bounds[1:], patch_bounds[:-1], patch_bounds[1:])
     ]
     return {key: np.stack([shard[key] for shard in shards]) for key in shards[0]}

@@ -11,6 +11,10 @@ batches are filled with copies, so every batch reuses one compiled program per p
 images run one at a time (vision inputs are model-specific pytrees). The sampler runs on one worker thread, so
 the event loop (and any HTTP judges on it) stays responsive while the device works.
 
+On a mesh: text batches have `batch_size` rows and image requests one row, and the sampler shards rows over its
+batch axes; so pick `batch_size` as a multiple of the batch shards, and give a VLM judge a sampler built with
+`batch_axes=()` (rows replicated, weights still sharded as the state says).
+
 Request mapping: temperature 0 -> greedy, else temperature / nucleus sampling; `seed` (default 0) seeds the
 batch; `max_tokens` truncates the completion (capped by `max_new_tokens`, the compiled buffer length); `stop`
 strings cut the text.
@@ -237,7 +241,9 @@ def token_encoder(
     return encode
 
 
-def qwen2_5_vl_encoder(model_config: Any, tokenizer: Any, image_config: Any = None, system_prompt: str | None = None) -> Encoder:
+def qwen2_5_vl_encoder(
+    model_config: Any, tokenizer: Any, image_config: Any = None, system_prompt: str | None = None
+) -> Encoder:
     """Qwen2.5-VL chat encoder (text and images) built on the model package's processor.
 
     model_config: `Qwen2_5_VLConfig`; tokenizer: `processor.load_tokenizer()`; image_config:

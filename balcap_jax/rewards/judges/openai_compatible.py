@@ -1,6 +1,6 @@
 """An async judge client for OpenAI-compatible servers (vLLM, SGLang, TGI, hosted APIs).
 
-Built on httpx (one pooled async client per event loop) and tenacity (retry policy):
+Built on httpx (a few small connection pools per event loop; one loop at a time) and tenacity (retry policy):
 - chat (`/chat/completions`, images as base64 data URLs for multimodal judges) or raw completions
   (`/completions`, text only; concurrent prompts with equal parameters optionally batched into one request);
 - bounded concurrency: a semaphore caps attempts in flight, so a batch of thousands of calls can be awaited at
@@ -155,7 +155,8 @@ class JudgeStats:
 
 
 class OpenAICompatibleJudge:
-    """`Judge` backend speaking the OpenAI HTTP API. Usable from any event loop (one httpx client per loop)."""
+    """`Judge` backend speaking the OpenAI HTTP API. Usable from any event loop, one at a time: its HTTP pools and
+    semaphore belong to the loop that last used it."""
 
     def __init__(self, config: OpenAICompatibleConfig, *, cache: ResponseCache | None = None):
         self.config = config
@@ -181,9 +182,10 @@ class OpenAICompatibleJudge:
         self._semaphore: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
+        auth = f"env:{self.config.api_key_env}" if self._api_key else "none"
         return (
             f"OpenAICompatibleJudge(model={self.model!r}, api={self.config.api!r}, "
-            f"base_urls={list(self.config.base_urls)}, auth={'env:' + self.config.api_key_env if self._api_key else 'none'})"
+            f"base_urls={list(self.config.base_urls)}, auth={auth})"
         )
 
     # --- per-event-loop resources -------------------------------------------------------------------------

@@ -27,7 +27,9 @@ CREATE TABLE IF NOT EXISTS replies (
 
 def cache_key(model: str, payload: Any) -> str:
     """A stable hex digest of (model, payload); payload must be JSON-serialisable (bytes go in as base64)."""
-    canonical = json.dumps({"model": model, "payload": payload}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(
+        {"model": model, "payload": payload}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

@@ -129,7 +129,9 @@ class RuleBasedResponder:
 class ScriptedJudge:
     """A `Judge` whose replies come from `responder` (a function of the request); records every request."""
 
-    def __init__(self, responder: Responder, *, model: str = "scripted", multimodal: bool = True, latency_s: float = 0.0):
+    def __init__(
+        self, responder: Responder, *, model: str = "scripted", multimodal: bool = True, latency_s: float = 0.0
+    ):
         self.responder = responder
         self.model = model
         self.multimodal = multimodal

@@ -1,0 +1,81 @@
+"""Qwen2.5-VL-7B-Instruct, c-GDPO with length-conditional masking, judged by vLLM/SGLang servers; one 8-GPU host.
+
+Set the weights directory and the judge servers (validation names each one that is missing):
+
+  python -m balcap_jax.train --config=configs/qwen7b.py --workdir=/ckpt/balcap_qwen7b \
+      --config.model.hf_dir=/models/Qwen2.5-VL-7B-Instruct --config.data.manifest=/data/captions.jsonl \
+      --config.rewards.judge.llm_url=http://judge:8000/v1 --config.rewards.judge.llm_model=Qwen2.5-72B-Instruct \
+      --config.rewards.judge.vlm_url=http://judge:8001/v1 --config.rewards.judge.vlm_model=Qwen2.5-VL-72B-Instruct
+
+Regime (METHOD.md): G = 8 samples per image at temperature 1, lr 1e-6, bf16 compute with fp32 master weights
+and fp32 AdamW moments (a 1e-6 step is below bf16's resolution for weights of magnitude ~1e-2, so bf16 master
+weights would not move), per-layer rematerialisation, FSDP over every device. Per-device memory of this
+update step (AOT-compiled, no weights): experiments/results/memory.md (python experiments/memory_table.py).
+"""
+
+import ml_collections
+
+from balcap_jax.default_config import get_config as _default_config
+
+
+def real_scale(c: ml_collections.ConfigDict, *, release: str, name: str) -> ml_collections.ConfigDict:
+    """Turns the embedded default into a real-scale recipe; shared by configs/qwen3b.py and configs/llava7b.py."""
+    c.total_minutes_budget = 0  # not a laptop run
+    c.model.name = name
+    c.model.release = release  # the checkpoint whose shapes this recipe is sized for (AOT memory analysis)
+    c.model.hf_dir = ""  # REQUIRED: local HF directory of `release` (config.json + *.safetensors)
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat = True  # rematerialise each decoder layer / vision block in the backward pass
+    del c.model["tiny"]  # weights come from hf_dir only: an empty hf_dir is a validation error
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # FSDP over all devices
+
+    c.data.source = "manifest"
+    c.data.manifest = ""  # REQUIRED: JSONL manifest of images and reference captions
+    c.data.prompt = "Describe this image in detail."
+    c.data.max_image_bytes = 32 * 1024 * 1024
+    del c.data["shapes_world"]
+
+    c.sampling = ml_collections.ConfigDict(dict(group_size=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0))
+
+    c.rewards.components = ("precision", "recall", "linguistic")
+    c.rewards.weights = (1.0, 1.0, 1.0)
+    c.rewards.judge.backend = "openai"
+    c.rewards.judge.llm_url = ""  # REQUIRED: OpenAI-compatible server decomposing / matching claims
+    c.rewards.judge.llm_model = ""
+    c.rewards.judge.vlm_url = ""  # REQUIRED: OpenAI-compatible multimodal server verifying claims on the image
+    c.rewards.judge.vlm_model = ""
+    c.rewards.judge.api_key_env = ""  # e.g. "JUDGE_API_KEY" for servers started with --api-key
+    c.rewards.judge.cache_dir = ""  # empty: <workdir>/judge_cache
+    c.rewards.judge.max_concurrency = 256
+    c.rewards.judge.timeout_s = 120.0
+    c.rewards.judge.max_retries = 6
+
+    c.advantage = ml_collections.ConfigDict(dict(kind="gdpo", eps=1e-4, ddof=1, batch_stats="sample"))
+    c.length = ml_collections.ConfigDict(
+        dict(kind="mask", component="linguistic", ratio_min=0.5, ratio_max=1.5, masked_value=0.0, coef=0.001)
+    )
+    c.loss = ml_collections.ConfigDict(
+        dict(eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl_coef=0.0, aggregation="token-mean")
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(lr=1e-6, warmup_steps=10, schedule="constant", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999)
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(rl_steps=500, updates_per_batch=1, micro_batches=1, sft_steps=0, sft_batch_size=64, sft_lr=1e-5)
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=25, keep=3, export_hf=True))
+    c.metrics = ml_collections.ConfigDict(dict(log_every=1, sample_every=10, eval_every=50))
+    return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = real_scale(_default_config(), release="Qwen2.5-VL-7B-Instruct", name="qwen2_5_vl")
+    # Images up to 512 * 28² pixels: <= 2048 patches, <= 512 image tokens; 16 images = 32768 patches, the
+    # largest vision bucket (the batch's images are encoded once, their tokens gathered G times).
+    c.data.min_pixels = 64 * 28 * 28
+    c.data.max_pixels = 512 * 28 * 28
+    c.data.prompt_buckets = (192, 320, 576)
+    c.data.prompts_per_batch = 16  # P images x G = 8 -> 128 sequences per RL step, 16 per device on 8 devices
+    return c

@@ -1,0 +1,102 @@
+"""Host-side batch assembly of the trainer on a real ShapesWorld pipeline batch and a tiny policy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from balcap_jax import default_config
+from balcap_jax.data import pipeline as pipeline_lib
+from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
+from balcap_jax.sampling.rollout import build_training_batch
+from balcap_jax.trainer import batches
+from balcap_jax.trainer.loop import corpus_texts, prepare_data
+from balcap_jax.trainer.policy import build_policy
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    config = default_config.get_config()
+    config.data.shapes_world.num_train = 8
+    config.data.shapes_world.num_eval = 4
+    config.data.records_dir = str(tmp_path_factory.mktemp("data"))
+    train, _ = prepare_data(config, tmp_path_factory.mktemp("work"))
+    policy = build_policy(config, corpus=corpus_texts(train), seed=0)
+    processor = batches.PolicyPromptProcessor(
+        QwenCaptionProcessor(policy.tokenizer, instruction=config.data.prompt, image_config=policy.image_config),
+        policy,
+    )
+    cfg = pipeline_lib.PipelineConfig(batch_size=2, buckets=(64, 128), shuffle=False, pad_id=policy.pad_id,
+                                      concat_keys=QWEN_CONCAT_KEYS)
+    batch = next(iter(pipeline_lib.make_dataset(train, processor, cfg)))
+    return config, policy, batch
+
+
+def test_prompt_ids_are_in_the_policy_vocabulary_and_keep_image_slots(setup):
+    _, policy, batch = setup
+    prompts = batches.prompt_inputs(policy, batch)
+    ids = prompts["input_ids"]
+    assert ids.max() < policy.vocab.size
+    real = ids[prompts["attention_mask"]]
+    assert policy.vocab.unk_id not in real, "a prompt token fell outside the vocabulary subset"
+    image_tokens = (ids == policy.model_config.image_token_id).sum(axis=1)
+    grid = np.asarray(batch["image_grid_thw"])
+    np.testing.assert_array_equal(image_tokens, grid.prod(axis=1) // 4)
+
+
+def test_sft_batch_scores_exactly_the_reference_tokens_then_eos(setup):
+    _, policy, batch = setup
+    prompts = batches.prompt_inputs(policy, batch)
+    sft = batches.sft_batch(policy, batch, prompts, max_new_tokens=96)
+    for row, refs in enumerate(batch["references"]):
+        ids = sft["completion_ids"][row][sft["completion_mask"][row]]
+        assert ids[-1] == policy.eos_id
+        assert policy.decode(ids[:-1]) == refs[0].strip()
+    # completion positions continue the prompt's M-RoPE positions one by one
+    prompt_len = prompts["input_ids"].shape[1]
+    pos = sft["positions"][:, :, prompt_len:]
+    assert np.all(np.diff(pos, axis=-1) == 1) and np.all(pos[0] == pos[1])
+
+
+def test_repeated_vision_inputs_equal_tiling_the_images(setup):
+    _, policy, batch = setup
+    model = policy.model
+    once = batches.vision_inputs(policy, batch, repeats=1)
+    tiled = batches.vision_inputs(policy, batch, repeats=3)
+    emb_once = np.asarray(model.model.visual(jax.tree.map(jnp.asarray, once)))
+    emb_tiled = np.asarray(model.model.visual(jax.tree.map(jnp.asarray, tiled)))
+    per_image = int(np.asarray(batch["image_grid_thw"])[0].prod()) // 4
+    n_images = len(batch["references"])
+    expected = np.repeat(emb_once[: n_images * per_image].reshape(n_images, per_image, -1), 3, axis=0)
+    np.testing.assert_allclose(emb_tiled[: 3 * n_images * per_image], expected.reshape(-1, expected.shape[-1]),
+                               atol=1e-5)
+
+
+def test_reward_items_group_captions_prompt_major(setup):
+    _, _, batch = setup
+    captions = [f"c{i}" for i in range(6)]
+    groups = batches.reward_items(batch, captions, group_size=3)
+    assert [[item.caption for item in group] for group in groups] == [["c0", "c1", "c2"], ["c3", "c4", "c5"]]
+    assert groups[1][0].metadata["scene_graph"] == batch["metadata"][1]["scene_graph"]
+    assert groups[0][0].image == batch["image_bytes"][0]
+
+
+def test_training_batch_from_a_rollout_lines_up_with_the_policy_log_probs(setup):
+    """The log-probs the trainer recomputes on an SFT-shaped batch equal a direct full-logit computation."""
+    _, policy, batch = setup
+    from balcap_jax.rl.policy_logprobs import make_log_prob_fn
+
+    prompts = batches.prompt_inputs(policy, batch)
+    rollout = batches.reference_completions(policy, [r[0] for r in batch["references"]], prompts, 40)
+    train = build_training_batch(prompts, rollout, 1, tile_vision=batches.tile_vision_for(policy, batch))
+    train = jax.tree.map(jnp.asarray, dict(train))
+    graphdef, state = nnx.split(policy.model)
+    with jax.default_matmul_precision("highest"):
+        logprobs, _ = make_log_prob_fn(graphdef)(state, train)
+        logits = policy.model(train)
+    full = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    targets = train["input_ids"][:, 1:]
+    direct = jnp.take_along_axis(full, targets[..., None], axis=-1)[..., 0][:, -40:]
+    mask = np.asarray(train["completion_mask"])
+    np.testing.assert_allclose(np.asarray(logprobs)[mask], np.asarray(direct)[mask], atol=1e-4)
