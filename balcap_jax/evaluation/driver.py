@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -205,6 +204,3 @@ def headline(payload: dict[str, Any]) -> str:
         parts.append(f"{name}_{main[name]}={'n/a' if value is None else format(value, '.2f')}")
     return "eval " + " ".join(parts)
 
-
-def captions_json_lines(captions: dict[str, str]) -> str:
-    return "".join(json.dumps({"image_id": i, "caption": c}, ensure_ascii=False) + "\n" for i, c in captions.items())

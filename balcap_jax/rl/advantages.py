@@ -8,13 +8,16 @@ Every function here is pure `jnp`, jit-able and free of Python loops over sample
   lengths:  int/float[P, G] generated caption lengths in tokens.
 
 NaN semantics (shared by every function, and equal to TRL 1.16 `GRPOTrainer`):
-  * a NaN component is excluded from every mean and standard deviation; it is never read as 0 in a statistic;
+  * a NaN component is excluded from every mean and standard deviation; it is never read as 0 in a statistic
+    (GRPO sums a partially scored sample's scored components, as TRL does, unless partial_nan="unscorable");
   * a sample whose components are all NaN is unscorable: it is excluded from statistics and gets advantage 0;
   * a statistic over fewer than 2 valid values (a group with < 2 scorable samples, a batch with < 2) is
     undefined and the values it would normalise contribute 0, so no NaN or inf ever leaves these functions.
 
 Standard deviations use `ddof` (1 = unbiased, TRL's choice) and normalisation divides by `std + eps`, so a
-component that is constant within a group gets z = 0 / (0 + eps) = 0.
+component that is constant within a group gets z = 0 / (0 + eps) = 0 — exactly 0: statistics are computed
+relative to a member of the set, so rounding in the mean cannot leave noise for 1/eps to amplify. That is the one
+difference from TRL (tests/rl/test_rl_advantages_trl_golden.py checks equality to 1e-6 everywhere else).
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ def _masked_mean_std(x: Array, weight: Array, ddof: int) -> tuple[Array, Array, 
     is < 2 or <= ddof, in which case mean/std are finite placeholders (0 and 1) that callers must not use.
     """
     included = weight > 0
-    # Shift by one included value before summing: a constant input then has deviations of exactly 0 (a plain
-    # Σx / n can round to a mean a few ulps off, which dividing by std + eps would blow up to O(1) advantages).
+    # Shift by one included value before summing: a constant input then has deviations of exactly 0. A plain
+    # Σx / n can round to a mean a few ulps off, and dividing that by std + eps = 1e-4 turns rounding noise into
+    # advantages of ~1e-3 for groups that carry no signal (TRL 1.16 does this).
     shift = jnp.ravel(x)[jnp.argmax(jnp.ravel(included))]
     x = jnp.where(included, x - shift, 0.0)
     total = jnp.sum(weight)

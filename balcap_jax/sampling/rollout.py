@@ -33,7 +33,9 @@ class Rollout:
 
     tokens:          int32[N, T_new] sampled ids; `pad_id` after the row's end.
     logprobs:        fp32[N, T_new] log_softmax(logits / T)[token] under the full tempered distribution
-                     (see `strategies`); 0 after the row's end.
+                     (see `strategies`); 0 after the row's end. They come from the sampling forward (bf16 KV
+                     cache by default), so they match the trainer's fp32 recomputation to bf16 rounding, not
+                     bit for bit; with an fp32 cache they agree to ~1e-5.
     completion_mask: bool[N, T_new] True on generated tokens, EOS included.
     lengths:         int32[N] number of generated tokens (== completion_mask.sum(-1)).
     finish_reason:   int32[N] `FinishReason` values.

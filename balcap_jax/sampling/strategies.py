@@ -10,7 +10,8 @@ Log-probs are always taken under the *full* tempered distribution, log_softmax(l
 whole vocabulary — the distribution the trainer recomputes from a plain forward. Top-k and top-p only change
 which tokens can be *drawn* (they sample from the truncated, renormalised distribution); they do not change the
 reported log-prob of the drawn token. So with top-p < 1 the importance ratio the trainer forms is relative to
-the untruncated policy, which is the convention of vLLM/TRL rollouts. Greedy reports log-probs at temperature 1.
+the untruncated tempered policy — what TRL's GRPO trainer recomputes too (logits / temperature, no truncation).
+Greedy reports log-probs at temperature 1. `SamplerConfig.blocked_ids` restricts the draw the same way.
 
 Order of operations (HF's): divide by temperature, then top-k, then top-p on the tempered, top-k-masked
 distribution.

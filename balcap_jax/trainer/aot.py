@@ -184,21 +184,29 @@ def step_shapes(config: Any, family: registry.ModelFamily, model_config: Any) ->
 # Abstract state and batch
 
 
-def abstract_policy(family: registry.ModelFamily, model_config: Any, *, dtype: str, param_dtype: str, remat: bool):
-    """(graphdef, abstract param state): the module is built under `nnx.eval_shape`, so no weight exists."""
+def abstract_model(family: registry.ModelFamily, model_config: Any, *, dtype: str, param_dtype: str, remat: bool):
+    """The policy module with abstract (ShapeDtypeStruct) variables: built under `nnx.eval_shape`, no weight exists.
+
+    remat=True also switches on submodules that support rematerialisation but whose parent does not forward the
+    flag (Qwen2.5-VL's vision tower), so the compiled step is the one a remat run should execute.
+    """
 
     def build():
         model = family.model_class(
             model_config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), remat=remat
         )
-        # Submodules that support remat but whose parent does not forward the flag (e.g. a vision tower).
         if remat:
             for _, module in nnx.iter_graph(model):
                 if isinstance(module, nnx.Module) and hasattr(module, "remat"):
                     module.remat = True
         return model
 
-    return nnx.split(nnx.eval_shape(build))
+    return nnx.eval_shape(build)
+
+
+def abstract_policy(family: registry.ModelFamily, model_config: Any, *, dtype: str, param_dtype: str, remat: bool):
+    """(graphdef, abstract param state) of `abstract_model`."""
+    return nnx.split(abstract_model(family, model_config, dtype=dtype, param_dtype=param_dtype, remat=remat))
 
 
 def _named(mesh: Mesh, spec: P) -> NamedSharding:
@@ -468,21 +476,123 @@ def extrapolate_by_depth(reports: Sequence[MemoryReport], depth: tuple[int, int]
     )
 
 
-def full_depth_report(
+def _stack_slopes(family, model_config, config, mesh, optimizer, base: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Per-device (params, params + optimizer state) bytes that one more decoder layer / vision block adds,
+    from abstract states only (exact: every layer of a stack has the same shapes)."""
+    specs_of = family.sharding("training").param_specs
+
+    def bytes_at(depth):
+        _, params = abstract_policy(family, with_depth(model_config, *depth), dtype=config.model.dtype,
+                                    param_dtype=config.model.param_dtype, remat=False)
+        state = abstract_train_state(params, optimizer, specs_of(params), mesh)
+        return per_device_bytes(state.params), per_device_bytes((state.params, state.opt_state))
+
+    at_base = bytes_at(base)
+    text = bytes_at((base[0] + 1, base[1]))
+    vision = bytes_at((base[0], base[1] + 1))
+    return {
+        "text": (text[0] - at_base[0], text[1] - at_base[1]),
+        "vision": (vision[0] - at_base[0], vision[1] - at_base[1]),
+    }
+
+
+def checkpoint_bytes_per_layer(
+    family: registry.ModelFamily, model_config: Any, shapes: StepShapes, config: Any, mesh: Mesh
+) -> dict[str, int]:
+    """Per-device activation bytes a rematerialised layer keeps for the backward pass: its input only.
+
+    text: one micro-batch's hidden states [B / micro_batches / batch shards, T, D] in the compute dtype (the
+    rotary tables and the mask are shared by every layer). vision (Qwen): the tower's flat patch sequence
+    [patches, D_vision], replicated on every device."""
+    itemsize = jnp.dtype(config.model.dtype).itemsize
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = shapes.sequences // int(config.train.micro_batches) // shards
+    text = rows * shapes.total_length * model_config.text.hidden_size * itemsize
+    vision = 0
+    if family.name == "qwen2_5_vl":
+        from balcap_jax.models.qwen2_5_vl.vision_host import DEFAULT_PATCH_BUCKETS, choose_bucket
+
+        patches = choose_bucket(
+            shapes.images * shapes.patches_per_image, DEFAULT_PATCH_BUCKETS, multiple=model_config.vision.window_patches
+        )
+        vision = patches * model_config.vision.hidden_size * itemsize
+    return {"text": text, "vision": vision}
+
+
+def stacks_rematerialised(family: registry.ModelFamily, model_config: Any, config: Any) -> dict[str, bool]:
+    """Whether the built policy's decoder / vision tower recompute their layers in the backward pass."""
+    model = abstract_model(
+        family, with_depth(model_config, 1, 2), dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+        remat=bool(config.model.get("remat", False)),
+    )
+    vision = getattr(model.model, "visual", None) or getattr(model.model, "vision_tower", None)
+    return {
+        "text": bool(getattr(model.model.language_model, "remat", False)),
+        "vision": bool(getattr(vision, "remat", False)),
+    }
+
+
+def full_depth_estimate(
     config: Any,
     *,
-    reduced_depths: Sequence[tuple[int, int]] | None = None,
+    base_depth: tuple[int, int] = (1, 1),
     mesh: Mesh | None = None,
     name: str | None = None,
 ) -> MemoryReport:
-    """The recipe's update-step memory at the model's full depth: one compile, or (with `reduced_depths`) a
-    linear extrapolation from compiles at those depths."""
-    _, model_config = model_config_for(config)
-    depth = model_depth(model_config)
-    if not reduced_depths:
-        return compile_update_step(config, mesh=mesh, name=name)
-    reports = [compile_update_step(config, depth=d, mesh=mesh, name=name) for d in reduced_depths]
-    return extrapolate_by_depth(reports, depth)
+    """The recipe's update-step memory per device at the model's full depth, from one compile at `base_depth`.
+
+    arguments / outputs / aliased bytes grow by the exact per-layer state bytes (abstract shapes). temp grows per
+    layer by what that layer keeps until the optimizer update: its gradient and an update buffer (2 x its
+    per-device parameter bytes) plus, for a rematerialised stack, its checkpointed input
+    (`checkpoint_bytes_per_layer`). A stack that is not rematerialised (LLaVA's CLIP tower) gets the per-layer
+    temp slope XLA measures from a second compile one layer deeper instead.
+
+    Why not the measured slope for rematerialised stacks too: XLA:CPU drops rematerialisation in unrolled layer
+    loops (its pipeline expands the optimization barriers and CSEs the recomputation into the forward pass), so
+    its per-layer temp is the no-remat activation footprint; see experiments/results/memory.md.
+    """
+    family, model_config = model_config_for(config)
+    full = model_depth(model_config)
+    mesh = training_mesh(config) if mesh is None else mesh
+    base_depth = (base_depth[0], max(base_depth[1], 2) if family.name == "llava" else base_depth[1])
+    base = compile_update_step(config, depth=base_depth, mesh=mesh, name=name)
+    optimizer, _ = optimizer_for(config)
+    slopes = _stack_slopes(family, model_config, config, mesh, optimizer, base_depth)
+    shapes = step_shapes(config, family, model_config)
+    checkpoint = checkpoint_bytes_per_layer(family, model_config, shapes, config, mesh)
+    remat = stacks_rematerialised(family, model_config, config)
+    compiled = [base]
+    temp_slope = {}
+    for stack in ("text", "vision"):
+        params_bytes, _ = slopes[stack]
+        if remat[stack]:
+            temp_slope[stack] = checkpoint[stack] + 2 * params_bytes
+        else:
+            deeper_depth = (base_depth[0] + (stack == "text"), base_depth[1] + (stack == "vision"))
+            deeper = compile_update_step(config, depth=deeper_depth, mesh=mesh, name=name)
+            compiled.append(deeper)
+            temp_slope[stack] = deeper.temp_bytes - base.temp_bytes
+    extra = {"text": full[0] - base_depth[0], "vision": full[1] - base_depth[1]}
+    state_growth = sum(extra[s] * slopes[s][1] for s in extra)
+    temp_growth = sum(extra[s] * temp_slope[s] for s in extra)
+    notes = "; ".join(
+        f"{s}: +{extra[s]} layers x ({slopes[s][1] / 2**20:.1f} MiB state, {temp_slope[s] / 2**20:.1f} MiB temp, "
+        f"{'remat: checkpoint + grad + update' if remat[s] else 'no remat: measured slope'})"
+        for s in ("text", "vision")
+    )
+    return dataclasses.replace(
+        base,
+        depth=full,
+        argument_bytes=base.argument_bytes + state_growth,
+        output_bytes=base.output_bytes + state_growth,
+        alias_bytes=base.alias_bytes + state_growth,
+        temp_bytes=base.temp_bytes + temp_growth,
+        state_bytes=base.state_bytes + state_growth,
+        extrapolated=True,
+        depths_compiled=tuple(r.depth for r in compiled),
+        compile_seconds=sum(r.compile_seconds for r in compiled),
+        notes=notes,
+    )
 
 
 def memory_table_rows(reports: Mapping[str, MemoryReport]) -> list[str]:

@@ -122,6 +122,9 @@ def test_placeholder_expansion_text_and_ids():
     assert processor.caption_prompt("Hi", num_images=2, system_prompt="Be brief.") == (
         "Be brief. USER: <image>\n<image>\nHi ASSISTANT:"
     )
+    assert processor.format_llava_prompt("Hi", num_images=2, system="Be brief.") == processor.caption_prompt(
+        "Hi", num_images=2, system_prompt="Be brief."
+    )
     expanded = processor.expand_image_placeholders(prompt, 576)
     assert expanded.count("<image>") == 576 and expanded.endswith("Describe the image in detail. ASSISTANT:")
     ids = processor.expand_image_token_ids([1, 5, 99, 7, 99, 8], image_token_id=99, tokens_per_image=3)

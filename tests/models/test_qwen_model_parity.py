@@ -110,6 +110,33 @@ def test_prefill_and_decode_match_full_forward_with_images():
     np.testing.assert_allclose(np.stack(step_logits, 1), full_logits[:, prompt_len:], atol=1e-4)
 
 
+def test_precomputed_image_embeds_equal_running_the_tower():
+    """One prompt's image embeddings, computed once and repeated for a group of 2 samples, give the same
+    hidden states as running the tower on the tiled batch."""
+    _, model = _build(False)
+    config = model.config
+    one = parity.build_batch(config, seed=7, prompt_tokens=24, image_grids=GRIDS[1:], text_only_row=False)
+    group = 2
+    tiled = make_inputs(config, np.tile(one.input_ids, (group, 1)), np.tile(one.attention_mask, (group, 1)),
+                        np.tile(one.pixel_values, (group, 1)), np.tile(one.image_grid_thw, (group, 1)))  # fmt: skip
+    single = make_inputs(config, one.input_ids, one.attention_mask, one.pixel_values, one.image_grid_thw)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def both(state, tiled, vision):
+        m = nnx.merge(graphdef, state)
+        n_real = int(np.prod(one.image_grid_thw, axis=1).sum()) // config.vision.merge_unit
+        embeds = jnp.tile(m.image_embeddings(vision)[:n_real], (group, 1))
+        precomputed = dict(tiled, image_embeds=embeds)
+        del precomputed["vision"]
+        return m.hidden_states(tiled), m.hidden_states(precomputed)
+
+    ref, ours = both(state, tiled, single["vision"])
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
+    with pytest.raises(ValueError, match="both"):
+        model.embed_inputs(dict(single, image_embeds=jnp.zeros((1, 64))))
+
+
 def test_scatter_image_embeddings_fills_in_reading_order():
     embeds = jnp.zeros((2, 4, 1))
     is_image = jnp.array([[False, True, True, False], [True, False, False, False]])

@@ -53,6 +53,11 @@ def test_config_from_hf_qwen_nested_and_flat(hf_model, decoder_config):
                 rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
     del flat["rope_parameters"]
     assert DecoderConfig.from_hf(flat) == dict_replace(decoder_config, tie_word_embeddings=True)
+    # HF ties when either level says so (transformers 5 may keep it only inside text_config).
+    nested = hf_model.config.to_dict()
+    nested["text_config"] = dict(nested["text_config"], tie_word_embeddings=True)
+    assert DecoderConfig.from_hf(nested).tie_word_embeddings
+    assert not DecoderConfig.from_hf(nested, tie_word_embeddings=False).tie_word_embeddings
 
 
 def dict_replace(config, **kw):
@@ -73,6 +78,9 @@ def test_config_from_hf_llama():
     "bad, match",
     [
         (dict(model_type="gpt2"), "model_type"),
+        (dict(hidden_act="relu6"), "hidden_act"),
+        (dict(num_key_value_heads=3), "multiple"),
+        (dict(num_hidden_layers=0), "num_layers"),
         (dict(use_sliding_window=True), "use_sliding_window"),
         (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}), "rope type"),
         (dict(rope_parameters={"rope_type": "default", "rope_theta": 1.0, "mrope_section": [1, 1, 1]}),

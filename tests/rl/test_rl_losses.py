@@ -46,7 +46,7 @@ class TokenLogprobsTest(chex.TestCase):
         np.testing.assert_allclose(entropy, ref_entropy, atol=1e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters((1, 1.0), (7, 0.6), (16, 1.3), (37, 1.0), (64, 0.8))
+    @parameterized.parameters((1, 1.0), (7, 0.6), (64, 1.3))  # one column, a ragged last chunk, chunk > V
     def test_chunked_matches_full(self, chunk_size, temperature):
         hidden, unembed, targets = _inputs(seed=chunk_size)
         with jax.default_matmul_precision("highest"):

@@ -155,11 +155,13 @@ def test_micro_batches_give_the_same_update_as_one_batch():
 
 
 def test_non_finite_step_is_skipped_and_counted_then_training_resumes():
-    step = _toy_step(4, False)
+    step = _toy_step(4, True)
     state = _fresh_state()
+    initial = jax.tree.map(jnp.copy, state)  # `state` itself is donated to the step
     bad = _batch()
     bad["advantages"] = bad["advantages"].at[3].set(jnp.nan)
     skipped_state, metrics = step(state, bad)
+    state = initial
     assert float(metrics["skipped"]) == 1.0 and int(skipped_state.skipped_steps) == 1
     assert int(skipped_state.step) == 1
     chex.assert_trees_all_equal(skipped_state.params, state.params)
@@ -181,7 +183,7 @@ def test_state_is_donated():
     state = _fresh_state()
     kept, _ = _toy_step(1, False)(state, _batch())
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
-    _toy_step(1, True)(kept, _batch())
+    _toy_step(4, True)(kept, _batch())
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(kept.params))
 
 

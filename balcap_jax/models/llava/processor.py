@@ -175,14 +175,20 @@ def expand_image_token_ids(token_ids: Sequence[int], image_token_id: int, tokens
     return out
 
 
-def caption_prompt(instruction: str, *, num_images: int = 1, system_prompt: str | None = None) -> str:
+def format_llava_prompt(instruction: str, *, num_images: int = 1, system: str | None = None) -> str:
     """LLaVA-1.5's conversation template (llava-hf's chat template with `add_generation_prompt`):
-    `[{system_prompt} ]USER: <image>\\n{instruction} ASSISTANT:`, one `<image>\\n` per image."""
+    `[{system} ]USER: <image>\\n{instruction} ASSISTANT:`, one `<image>\\n` per image."""
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
     images = (LLAVA_IMAGE_TOKEN + "\n") * num_images
-    prefix = f"{system_prompt} " if system_prompt else ""
+    prefix = f"{system} " if system else ""
     return f"{prefix}USER: {images}{instruction} ASSISTANT:"
+
+
+def caption_prompt(instruction: str, *, num_images: int = 1, system_prompt: str | None = None) -> str:
+    """`format_llava_prompt` under the name and signature of `qwen2_5_vl.processor.caption_prompt`, so code
+    that picks a family's processor module calls both the same way."""
+    return format_llava_prompt(instruction, num_images=num_images, system=system_prompt)
 
 
 def encode_prompt(

@@ -73,13 +73,27 @@ class Qwen2_5_VL(nnx.Module):
     def cache_spec(self) -> CacheSpec:
         return self.config.text.cache_spec()
 
+    def image_embeddings(self, vision: dict) -> Array:
+        """The vision tower on host-prepared inputs: [M, D] embeddings, real image tokens first."""
+        return self.model.visual(vision)
+
     def embed_inputs(self, inputs: SequenceInputs) -> Array:
-        """Token embeddings with the vision tower's output scattered into the `<|image_pad|>` slots. [B, T, D]."""
+        """Token embeddings with image embeddings scattered into the `<|image_pad|>` slots. [B, T, D].
+
+        Image embeddings come from `inputs["vision"]` (the tower runs here) or, when the caller already has
+        them, from `inputs["image_embeds"]` [M, D] (e.g. computed once per prompt and repeated for the G
+        samples of a group, in the reading order of the batch's image tokens).
+        """
         input_ids = inputs["input_ids"]
         embeds = self.model.language_model.embed(input_ids)
-        if inputs.get("vision") is None:
+        if inputs.get("vision") is not None and inputs.get("image_embeds") is not None:
+            raise ValueError("inputs hold both 'vision' and 'image_embeds'; pass one of them")
+        if inputs.get("image_embeds") is not None:
+            image_embeds = inputs["image_embeds"]
+        elif inputs.get("vision") is not None:
+            image_embeds = self.image_embeddings(inputs["vision"])
+        else:
             return embeds
-        image_embeds = self.model.visual(inputs["vision"])
         is_image = (input_ids == self.config.image_token_id) & inputs["attention_mask"].astype(bool)
         return scatter_image_embeddings(embeds, is_image, image_embeds)
 

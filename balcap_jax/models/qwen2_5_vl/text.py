@@ -24,6 +24,7 @@ from balcap_jax.models.interface import CacheSpec, KVCache
 from balcap_jax.models.layers import (
     RMSNorm,
     SwiGLU,
+    activation,
     apply_rotary,
     causal_mask,
     constrain_batch,
@@ -60,6 +61,11 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim"):  # fmt: skip
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
+        activation(self.hidden_act)  # raises a clear error for an unsupported hidden_act
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -81,7 +87,8 @@ class DecoderConfig:
         """From an HF text config dict (Qwen2, Qwen2-VL/2.5-VL text part, flat or nested, or Llama).
 
         For a Qwen2.5-VL `config.json` pass the whole dict: a nested `text_config` is used when present.
-        `tie_word_embeddings` overrides the dict's value (VLM configs keep it at the top level).
+        Embeddings are tied when the top level or the text config says so (HF's rule); `tie_word_embeddings`
+        overrides both.
         """
         top = dict(hf)
         text = dict(top.get("text_config") or top)
@@ -104,7 +111,8 @@ class DecoderConfig:
         num_heads = text["num_attention_heads"]
         head_dim = text.get("head_dim") or text["hidden_size"] // num_heads
         if tie_word_embeddings is None:
-            tie_word_embeddings = bool(top.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+            # As HF's Qwen2_5_VLConfig: tied if either the top level or the text config says so.
+            tie_word_embeddings = bool(top.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings"))
         return cls(
             vocab_size=text["vocab_size"],
             hidden_size=text["hidden_size"],
