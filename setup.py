@@ -30,7 +30,7 @@ TEST = [
     "pytest>=8",
     "hypothesis>=6.100",
     "torch==2.13.0",  # parity references; this pin resolves to the CPU-only wheel
-    "trl>=1.0",  # golden GRPO/GDPO numbers and the RL-step race
+    "trl==1.16.*",  # golden GRPO/GDPO numbers (the test reads its advantage code) and the RL-step race
     "scikit-image>=0.24",  # ships real sample photographs for processor parity tests
 ]
 

@@ -45,7 +45,8 @@ def image_path(row: dict[str, Any], benchmark_path: str, where: str) -> str:
     relative = required_str(row, "image", where)
     if "://" in relative:
         raise BenchmarkFormatError(f"{where}: 'image' must be a local path, not a URL ({relative!r})")
-    path = relative if os.path.isabs(relative) else os.path.join(os.path.dirname(os.path.abspath(benchmark_path)), relative)
+    folder = os.path.dirname(os.path.abspath(benchmark_path))
+    path = relative if os.path.isabs(relative) else os.path.join(folder, relative)
     if not os.path.isfile(path):
         raise BenchmarkFormatError(f"{where}: 'image' file {relative!r} not found (looked at {path})")
     return path

@@ -34,7 +34,7 @@ from balcap_jax.evaluation.prompt_files import render_prompt
 from balcap_jax.evaluation.results_store import item_key
 from balcap_jax.rewards.json_output import OneOf
 from balcap_jax.rewards.judges.protocol import ImagePart, user_request
-from balcap_jax.rewards.structured_call import AskPolicy, CallLog
+from balcap_jax.rewards.structured_call import CallLog
 
 NAME = "caparena"
 VERDICT_SCHEMA = {"better": OneOf("a", "b", "tie")}
@@ -97,8 +97,14 @@ def load_items(path: str) -> list[CapArenaItem]:
             isinstance(k, str) and k and isinstance(v, str) for k, v in baselines.items()
         ):
             raise files.BenchmarkFormatError(f"{where}: 'baselines' must be a non-empty object {{name: caption}}")
-        items.append(CapArenaItem(files.required_str(row, "image_id", where), files.image_path(row, path, where),
-                                  files.required_str(row, "reference", where), tuple(sorted(baselines.items()))))  # fmt: skip
+        items.append(
+            CapArenaItem(
+                image_id=files.required_str(row, "image_id", where),
+                image_path=files.image_path(row, path, where),
+                reference=files.required_str(row, "reference", where),
+                baselines=tuple(sorted(baselines.items())),
+            )
+        )
     files.unique_ids([item.image_id for item in items], path)
     names = {tuple(name for name, _ in item.baselines) for item in items}
     if len(names) > 1:

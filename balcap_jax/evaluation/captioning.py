@@ -14,6 +14,7 @@ captions the images it has no caption for (keyed by checkpoint, step, image and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -119,7 +120,17 @@ def load_policy(config: Any, checkpoint: str) -> LoadedPolicy:
     policy = build_policy(config, corpus=corpus, seed=int(config.seed))
     graphdef, abstract = nnx.split(policy.model)
     params = restore_params(checkpoint, step, abstract)
-    return LoadedPolicy(config, policy, graphdef, params, {"checkpoint": checkpoint, "checkpoint_kind": "workdir", "step": step})
+    fingerprint = {"checkpoint": checkpoint, "checkpoint_kind": "workdir", "step": step}
+    return LoadedPolicy(config, policy, graphdef, params, fingerprint)
+
+
+@functools.lru_cache(maxsize=4)
+def sampler_for(graphdef: Any):
+    """One `Sampler` per model graph in this process, so captioning several sources (or evaluating several
+    checkpoints of one architecture) compiles its programs once."""
+    from balcap_jax.sampling.sampler import Sampler
+
+    return Sampler(graphdef)
 
 
 def caption_source(
@@ -131,7 +142,6 @@ def caption_source(
     long) get no caption; the caller reports them as missing."""
     from balcap_jax.data import pipeline as pipeline_lib
     from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
-    from balcap_jax.sampling.sampler import Sampler
     from balcap_jax.trainer import batches as batches_lib
     from balcap_jax.trainer.loop import sampler_config
 
@@ -158,7 +168,7 @@ def caption_source(
         sampling = ml_collections.ConfigDict(config.to_dict())
         sampling.sampling.max_new_tokens = max_new_tokens
         scfg = sampler_config(sampling, policy, greedy=True, group_size=1)
-        sampler = Sampler(loaded.graphdef)
+        sampler = sampler_for(loaded.graphdef)
         for batch in pipeline_lib.make_dataset(todo, processor, pipeline):
             if not len(batch["example_id"]):
                 continue

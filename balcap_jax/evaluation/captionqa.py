@@ -204,8 +204,10 @@ class CaptionQA:
 
     def item_key(self, item: CaptionQAItem, caption: str) -> str:
         questions = [dataclasses.astuple(q) for q in item.questions]
-        return item_key(protocol=NAME, image_id=item.image_id, caption=caption, questions=questions,
-                        domain=item.domain, config=dataclasses.asdict(self.config), text_judge=self.judges.text.model)  # fmt: skip
+        return item_key(
+            protocol=NAME, image_id=item.image_id, caption=caption, questions=questions, domain=item.domain,
+            config=dataclasses.asdict(self.config), text_judge=self.judges.text.model,
+        )  # fmt: skip
 
     async def _answer(self, caption: str, presented: Presented, log: CallLog) -> int | None:
         prompt = render_prompt("captionqa_answer", self.config.prompt_version, caption=caption,

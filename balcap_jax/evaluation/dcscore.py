@@ -29,6 +29,7 @@ Reported values are means over scored captions, x100.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import re
@@ -239,12 +240,15 @@ class DCScore:
         return await ask_or_raise(self.judges.text, request, DECOMPOSE_SCHEMA, log, policy=cfg.vote_policy.ask,
                                   check=_units_check(cfg.max_units), label=label)  # fmt: skip
 
-    async def _match(self, units: list[tuple[str, str]], facts: Sequence[OracleFact], log: CallLog) -> dict[str, str | None]:
+    async def _match(
+        self, units: list[tuple[str, str]], facts: Sequence[OracleFact], log: CallLog
+    ) -> dict[str, str | None]:
         cfg = self.config
         fact_ids = {f.id for f in facts}
         unit_ids = [u for u, _ in units]
-        prompt = render_prompt("dcscore_match", cfg.match_prompt_version,
-                               facts=id_lines([(f.id, f.text) for f in facts], "fact"), units=id_lines(units, "unit"))  # fmt: skip
+        facts_block = id_lines([(f.id, f.text) for f in facts], "fact")
+        prompt = render_prompt("dcscore_match", cfg.match_prompt_version, facts=facts_block,
+                               units=id_lines(units, "unit"))  # fmt: skip
 
         def check(parsed: dict[str, Any]) -> dict[str, str]:
             rows = by_id(parsed["matches"], unit_ids, "match")
@@ -261,7 +265,9 @@ class DCScore:
         decided = {u: majority_choice([v[u] for v in votes], NO_MATCH) for u in unit_ids}
         return {u: (None if m == NO_MATCH else m) for u, m in decided.items()}
 
-    async def _verify(self, image: bytes, reference: str, units: list[tuple[str, str]], log: CallLog) -> dict[str, bool]:
+    async def _verify(
+        self, image: bytes, reference: str, units: list[tuple[str, str]], log: CallLog
+    ) -> dict[str, bool]:
         cfg = self.config
         unit_ids = [u for u, _ in units]
         prompt = render_prompt("dcscore_verify", cfg.verify_prompt_version, reference=reference,
@@ -283,11 +289,15 @@ class DCScore:
                 facts = tuple(OracleFact(f"f{i + 1}", r["unit"].strip(), r["descriptive"]) for i, r in enumerate(rows))
             rows = await self._decompose(caption, log, "decompose_caption") if caption.strip() else []
             units_text = [(f"u{i + 1}", r["unit"].strip()) for i, r in enumerate(rows)]
-            if units_text and facts:
-                matches = await self._match(units_text, facts, log)
-            else:
-                matches = {u: None for u, _ in units_text}
-            verdicts = await self._verify(files.read_bytes(item.image_path), item.reference, units_text, log) if units_text else {}
+            matches: dict[str, str | None] = {u: None for u, _ in units_text}
+            verdicts: dict[str, bool] = {}
+            if units_text:  # matching and verification are independent: ask both at once
+                image = files.read_bytes(item.image_path)
+                verifying = self._verify(image, item.reference, units_text, log)
+                if facts:
+                    matches, verdicts = await asyncio.gather(self._match(units_text, facts, log), verifying)
+                else:
+                    verdicts = await verifying
         except Unscorable as error:
             return {"scores": None, "error": str(error)} | log.as_record()
         units = [Unit(text, row["descriptive"], matches[u], verdicts[u]) for (u, text), row in zip(units_text, rows)]

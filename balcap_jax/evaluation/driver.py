@@ -56,6 +56,8 @@ class EvalOptions:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
         if unknown or not self.protocols:
             raise ValueError(f"--protocols: unknown {unknown}; choose from {PROTOCOLS}")
+        if len(set(self.protocols)) != len(self.protocols):
+            raise ValueError(f"--protocols={','.join(self.protocols)} names a protocol twice")
         if bool(self.checkpoint) == bool(self.captions):
             raise ValueError("give exactly one of --checkpoint (caption with a model) and --captions (a JSONL file)")
         if self.split not in SPLITS:
@@ -80,22 +82,22 @@ def read_captions(path: str) -> dict[str, str]:
     return captions
 
 
-def build_protocols(options: EvalOptions, shapes_world_source: Sequence[Any] | None) -> list[Any]:
-    judges = build_judges(options.judge, options.config, scripted_latency_s=options.scripted_latency_s) \
-        if any(p in JUDGED for p in options.protocols) else None  # fmt: skip
-    protocols: list[Any] = []
-    for name in options.protocols:
-        if name == "dcscore":
-            protocols.append(dcscore.DCScore(dcscore.load_items(options.dcscore_data), judges,
-                                             dcscore.DCScoreConfig(votes=options.dcscore_votes)))  # fmt: skip
-        elif name == "captionqa":
-            protocols.append(captionqa.CaptionQA(captionqa.load_items(options.captionqa_data), judges,
-                                                 captionqa.CaptionQAConfig(seed=options.captionqa_seed)))  # fmt: skip
-        elif name == "caparena":
-            protocols.append(caparena.CapArena(caparena.load_items(options.caparena_data), judges,
-                                               caparena.CapArenaConfig(seed=options.caparena_seed)))  # fmt: skip
-        else:
-            protocols.append(shapes_world_eval.ShapesWorldExact(shapes_world_eval.items_from_source(shapes_world_source)))
+def build_judged_protocols(options: EvalOptions) -> dict[str, Any]:
+    """{name: protocol} for the requested judged protocols (benchmark files read and validated here, before any
+    model is loaded, so a bad file fails fast)."""
+    if not any(p in JUDGED for p in options.protocols):
+        return {}
+    judges = build_judges(options.judge, options.config, scripted_latency_s=options.scripted_latency_s)
+    protocols: dict[str, Any] = {}
+    if "dcscore" in options.protocols:
+        config = dcscore.DCScoreConfig(votes=options.dcscore_votes)
+        protocols["dcscore"] = dcscore.DCScore(dcscore.load_items(options.dcscore_data), judges, config)
+    if "captionqa" in options.protocols:
+        config = captionqa.CaptionQAConfig(seed=options.captionqa_seed)
+        protocols["captionqa"] = captionqa.CaptionQA(captionqa.load_items(options.captionqa_data), judges, config)
+    if "caparena" in options.protocols:
+        config = caparena.CapArenaConfig(seed=options.caparena_seed)
+        protocols["caparena"] = caparena.CapArena(caparena.load_items(options.caparena_data), judges, config)
     return protocols
 
 
@@ -141,6 +143,7 @@ def _benchmark_source(protocols: Sequence[Any], output: str):
 def run_evaluation(options: EvalOptions) -> dict[str, Any]:
     """Runs the whole evaluation (resuming whatever the output directory already holds); returns results.json."""
     os.makedirs(options.output, exist_ok=True)
+    protocols = build_judged_protocols(options)
     config = options.config
     loaded = None
     if options.checkpoint:
@@ -152,7 +155,9 @@ def run_evaluation(options: EvalOptions) -> dict[str, Any]:
     if "shapes_world" in options.protocols:
         reuse = loaded is not None and is_workdir(options.checkpoint)
         shapes_source = _shapes_world_source(config, options.checkpoint if reuse else options.output, options.split)
-    protocols = build_protocols(dataclasses.replace(options, config=config), shapes_source)
+        items = shapes_world_eval.items_from_source(shapes_source)
+        protocols["shapes_world"] = shapes_world_eval.ShapesWorldExact(items)
+    protocols = [protocols[name] for name in options.protocols]
 
     if loaded is None:
         captions = read_captions(options.captions)
@@ -163,9 +168,15 @@ def run_evaluation(options: EvalOptions) -> dict[str, Any]:
         captions = {}
         with ResultsStore(os.path.join(options.output, "captions.jsonl")) as store:
             for source in (shapes_source, _benchmark_source(protocols, options.output)):
-                if source is not None:
-                    captions |= caption_source(loaded, source, store, batch_size=options.batch_size,
-                                               max_new_tokens=max_new_tokens)  # fmt: skip
+                if source is None:
+                    continue
+                new = caption_source(loaded, source, store, batch_size=options.batch_size,
+                                     max_new_tokens=max_new_tokens)  # fmt: skip
+                if clash := sorted(new.keys() & captions.keys()):
+                    raise BenchmarkFormatError(
+                        f"image ids {clash[:5]} name both a ShapesWorld image and a benchmark image; rename them"
+                    )
+                captions |= new
 
     async def judge_all() -> list[ProtocolRun]:
         stores = [ResultsStore(os.path.join(options.output, f"{p.name}.items.jsonl")) for p in protocols]

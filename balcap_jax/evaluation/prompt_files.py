@@ -20,7 +20,8 @@ def _prompt_path(name: str, version: int):
 def load_prompt(name: str, version: int) -> string.Template:
     path = _prompt_path(name, version)
     if not path.is_file():
-        shipped = sorted(p.name for p in importlib.resources.files("balcap_jax.evaluation").joinpath("prompts").iterdir())
+        folder = importlib.resources.files("balcap_jax.evaluation").joinpath("prompts")
+        shipped = sorted(p.name for p in folder.iterdir())
         raise ValueError(f"no evaluation prompt {name!r} version {version}; shipped: {shipped}")
     return string.Template(path.read_text(encoding="utf-8"))
 

@@ -41,8 +41,9 @@ def protocol_markdown(run: ProtocolRun) -> list[str]:
         rows = [(name, m["score"], m["wins"], m["losses"], m["ties"], m["unscored"])
                 for name, m in sorted(metrics["per_baseline"].items())]  # fmt: skip
         lines += ["", *_table(["baseline", "score", "wins", "losses", "ties", "unscored"], rows)]
-    lines += ["", f"items judged this run: {run.judged}, read back from the results cache: {run.resumed}, "
-              f"without a caption: {len(run.missing_captions)}; {run.seconds:.1f} s", ""]  # fmt: skip
+    lines += ["", f"items judged this run: {run.judged} ({run.not_stored} with judge failures, retried next run), "
+              f"read back from the results cache: {run.resumed}, without a caption: {len(run.missing_captions)}; "
+              f"{run.seconds:.1f} s", ""]  # fmt: skip
     return lines
 
 
@@ -70,10 +71,11 @@ def write_report(output_dir: str, runs: Sequence[ProtocolRun], settings: Mapping
     payload = json_safe({
         "settings": dict(settings),
         "metrics": {run.name: run.metrics for run in runs},
-        "counts": {run.name: {"judged": run.judged, "resumed": run.resumed, "missing_captions": run.missing_captions}
-                   for run in runs},  # fmt: skip
+        "counts": {run.name: {"judged": run.judged, "resumed": run.resumed, "retry_next_run": run.not_stored,
+                              "missing_captions": run.missing_captions} for run in runs},  # fmt: skip
         "items": {run.name: run.results for run in runs},
     })
-    _atomic_write(os.path.join(output_dir, "results.json"), json.dumps(payload, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    text = json.dumps(payload, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    _atomic_write(os.path.join(output_dir, "results.json"), text)
     _atomic_write(os.path.join(output_dir, "summary.md"), summary_markdown(runs, settings))
     return payload

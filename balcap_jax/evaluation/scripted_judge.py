@@ -55,8 +55,7 @@ class EvalRuleResponder:
         prompt = "\n".join(message.text for message in request.messages)
         if (caption_a := tagged_section(prompt, "caption_a")) is not None:
             return self._battle(caption_a, tagged_section(prompt, "caption_b") or "")
-        if (question := tagged_section(prompt, "question")) is not None:
-            del question
+        if tagged_section(prompt, "question") is not None:
             return self._answer(tagged_section(prompt, "caption") or "", tagged_section(prompt, "options") or "")
         if (facts := tagged_section(prompt, "oracle_facts")) is not None:
             return self._match(facts, tagged_section(prompt, "units") or "")

@@ -1,29 +1,26 @@
 """Ahead-of-time compilation of a recipe's RL update step with abstract shapes: per-device memory, no weights.
 
-    report = compile_update_step(get_config())          # configs/qwen7b.py, on the devices JAX sees
-    print(report.summary())                              # argument / output / temp / code bytes, peak estimate
+    report = full_depth_estimate(get_config())     # configs/qwen7b.py, on the devices JAX sees (8 in tests)
+    print(report.summary())                         # argument / output / temp / code bytes, peak estimate
 
 Nothing here allocates a weight: the policy is built with `nnx.eval_shape`, the optimizer state with
 `jax.eval_shape`, and both get the model family's *training* sharding layout (FSDP over `fsdp`, tensor-parallel
 over `tensor`) on the recipe's mesh. The update step is the one the loop runs (`rl.update.make_update_step` on
-`rl.policy_logprobs.make_log_prob_fn`), lowered on `jax.ShapeDtypeStruct`s and compiled; XLA's buffer
-assignment of the partitioned (per-device) program then says how much each device needs.
+`rl.policy_logprobs.make_log_prob_fn`), lowered on sharded `jax.ShapeDtypeStruct`s and compiled; XLA's
+`memory_analysis()` of the partitioned program is per device.
 
-Per-device figure: `peak = argument + output - alias + temp`, the bytes XLA's buffer plan holds if every input,
-output and temporary buffer were live at once, minus the outputs that reuse donated inputs (the train state is
-donated, so new params/optimizer state alias the old ones). It is an upper bound of that plan's live set
-(arguments die as the program runs). Caveats, all documented in `experiments/results/memory.md`:
-  * the plan is the compiling backend's: on the fake CPU mesh, XLA:CPU's fusion, layout and bf16 handling
-    (it computes some bf16 ops in fp32) differ from XLA:GPU/TPU, and nothing counts the runtime's own
-    reservations (CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers, allocator fragmentation);
-  * the sampler (prefill + decode), the reward judges and the host pipeline are separate programs, not included.
+Per-device figure: `peak = argument + output - alias + temp`: every input, output and temporary buffer of XLA's
+plan counted as live at once, minus the outputs that reuse donated inputs (the train state is donated, so the
+new params/optimizer state alias the old ones): an upper bound of that plan's live set.
 
-Reduced depth: compiling a 7B step on a CPU takes minutes, so `compile_update_step(..., depth=(l_text, l_vision))`
-compiles a shallower policy of otherwise identical shapes and `extrapolate_by_depth` fits every memory field
-linearly in the layer counts from several such compiles. Every layer of a decoder (and every block of a vision
-tower) has the same shapes, so arguments, outputs and per-layer saved activations are exactly linear in depth;
-the temporaries of the one layer being rematerialised are constant. The fit is exact for the first two and an
-estimate for temp (XLA may schedule differently at full depth), which the report says.
+Depth: a 7B step takes minutes to compile on a CPU, so `compile_update_step(..., depth=(text, vision))` compiles
+a shallower policy of otherwise identical shapes, and `full_depth_estimate` extrapolates one such compile to the
+full depth, per stack (decoder layers, vision blocks): state bytes exactly (abstract shapes); temp by each
+layer's gradient + update buffer and, for rematerialised stacks, its checkpointed input. XLA:CPU's measured
+per-layer temp is not usable for those stacks: its pipeline drops rematerialisation in unrolled layer loops
+(barriers expanded, recomputation CSE'd into the forward pass), so it reports the no-remat footprint. Stacks
+without remat use the slope XLA measures from a second compile. `extrapolate_by_depth` fits XLA's own slopes from
+several compiles (the no-remat view). Caveats of CPU figures: experiments/results/memory.md.
 """
 
 from __future__ import annotations
@@ -592,6 +589,108 @@ def full_depth_estimate(
         depths_compiled=tuple(r.depth for r in compiled),
         compile_seconds=sum(r.compile_seconds for r in compiled),
         notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sampler (rollouts), with the same state the update step trains
+
+
+def abstract_prompts(family: registry.ModelFamily, model_config: Any, shapes: StepShapes, mesh: Mesh) -> dict:
+    """P prompt rows at the largest prompt bucket (the sampler's prefill input), batch-sharded like the sampler
+    places them; Qwen's vision inputs (each image once) and LLaVA's pixel_values as in the update batch."""
+    one_per_prompt = dataclasses.replace(shapes, sequences=shapes.images, completion_length=0, group_size=1)
+    batch = abstract_update_batch(family, model_config, one_per_prompt, mesh)
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "positions", "vision")}
+
+
+def sampler_config_for(config: Any, model_config: Any, shapes: StepShapes):
+    """The recipe's rollout settings as the loop builds them (temperature sampling, bf16 cache)."""
+    from balcap_jax.sampling.config import SamplerConfig
+    from balcap_jax.sampling.strategies import Temperature, TopP
+
+    s = config.sampling
+    top_k = int(s.top_k) or None
+    strategy = (TopP(float(s.top_p), float(s.temperature), top_k) if float(s.top_p) < 1.0
+                else Temperature(float(s.temperature), top_k))
+    blocked = tuple(int(getattr(model_config, f)) for f in
+                    ("image_token_id", "vision_start_token_id", "vision_end_token_id") if hasattr(model_config, f))
+    return SamplerConfig(
+        max_new_tokens=shapes.completion_length, eos_ids=(0,), pad_id=0, strategy=strategy,
+        group_size=shapes.group_size, prompt_buckets=(shapes.prompt_length,),
+        cache_dtype="float32" if config.model.dtype == "float32" else "bfloat16", blocked_ids=blocked,
+    )
+
+
+def compile_sampler(
+    config: Any, *, depth: tuple[int, int] | None = None, mesh: Mesh | None = None, name: str | None = None
+) -> tuple[MemoryReport, MemoryReport]:
+    """AOT-compiles the rollout's two programs (`sampling.sampler.prefill_and_tile` and `decode`) for the recipe
+    and returns their per-device memory. Weights are the train state's params in the training layout (the loop
+    samples with the params it trains); `state_bytes` is the optimizer state that stays resident meanwhile."""
+    from balcap_jax.sampling.sampler import BatchLayout, decode, prefill_and_tile
+
+    family, model_config = model_config_for(config)
+    if depth is not None and tuple(depth) != model_depth(model_config):
+        model_config = with_depth(model_config, *depth)
+    mesh = training_mesh(config) if mesh is None else mesh
+    shapes = step_shapes(config, family, model_config)
+    graphdef, params = abstract_policy(
+        family, model_config, dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=False
+    )
+    optimizer, _ = optimizer_for(config)
+    state = abstract_train_state(params, optimizer, family.sharding("training").param_specs(params), mesh)
+    sampler_config = sampler_config_for(config, model_config, shapes)
+    layout = BatchLayout(mesh, BATCH_AXES)
+    statics = dict(graphdef=graphdef, config=sampler_config, layout=layout)
+    prompts = abstract_prompts(family, model_config, shapes, mesh)
+    resident = per_device_bytes(state.opt_state)
+    label = name or str(config.model.get("release", "") or config.model.name)
+
+    with jax.set_mesh(mesh):
+        prefill_jit = jax.jit(prefill_and_tile, static_argnames=tuple(statics))
+        start = time.perf_counter()
+        prefill = prefill_jit.lower(state.params, prompts, **statics).compile()
+        prefill_seconds = time.perf_counter() - start
+        start_shapes = jax.eval_shape(lambda p, x: prefill_and_tile(p, x, **statics), state.params, prompts)
+        batch_sharded = lambda leaf, axis=0: jax.ShapeDtypeStruct(  # noqa: E731
+            leaf.shape, leaf.dtype, sharding=_named(mesh, P(*([None] * axis), BATCH_AXES)))
+        cache = start_shapes.cache.replace(
+            k=batch_sharded(start_shapes.cache.k, 1), v=batch_sharded(start_shapes.cache.v, 1),
+            valid=batch_sharded(start_shapes.cache.valid),
+            index=jax.ShapeDtypeStruct((), jnp.int32, sharding=_named(mesh, P())),
+        )
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=_named(mesh, P()))
+        decode_jit = jax.jit(decode, static_argnames=tuple(statics), donate_argnums=(1,))
+        start = time.perf_counter()
+        decoded = decode_jit.lower(
+            state.params, cache, batch_sharded(start_shapes.logits), batch_sharded(start_shapes.start_positions),
+            key, **statics,
+        ).compile()
+        decode_seconds = time.perf_counter() - start
+    depth_now = model_depth(model_config)
+    return (
+        _report(f"{label} prefill", prefill, mesh, depth_now, prefill_seconds, resident),
+        _report(f"{label} decode", decoded, mesh, depth_now, decode_seconds, resident),
+    )
+
+
+def sampler_full_depth(
+    config: Any, *, mesh: Mesh | None = None, name: str | None = None
+) -> tuple[MemoryReport, MemoryReport]:
+    """(prefill, decode) memory per device at full depth, fitted with `extrapolate_by_depth` from compiles at
+    three reduced depths (rollouts keep no activations for a backward pass, so XLA's own slopes apply: weights,
+    KV cache and the weights XLA gathers per layer). `peak_bytes + state_bytes` is the device's footprint
+    while sampling: the program's own buffers plus the optimizer state that stays resident."""
+    family, model_config = model_config_for(config)
+    vision_base = 2 if family.name == "llava" else 1
+    depths = [(1, vision_base), (2, vision_base), (1, vision_base + 1)]
+    runs = [compile_sampler(config, depth=d, mesh=mesh, name=name) for d in depths]
+    full = model_depth(model_config)
+    return (
+        extrapolate_by_depth([prefill for prefill, _ in runs], full),
+        extrapolate_by_depth([decode for _, decode in runs], full),
     )
 
 

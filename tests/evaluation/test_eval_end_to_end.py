@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from balcap_jax import default_config
@@ -61,7 +62,7 @@ def test_scripted_judges_end_to_end(tmp_path):
     assert headline(payload).startswith("eval dcscore_f1=")
     # a second run reads everything back and judges nothing
     again = run_evaluation(_options(files, tmp_path / "out"))
-    assert again["counts"]["dcscore"] == {"judged": 0, "resumed": 6, "missing_captions": []}
+    assert again["counts"]["dcscore"] == {"judged": 0, "resumed": 6, "retry_next_run": 0, "missing_captions": []}
     assert again["metrics"] == metrics
 
 
@@ -78,7 +79,7 @@ def test_resume_after_kill_minus_nine_judges_only_unfinished_items_and_matches(t
                f"--protocols={','.join(JUDGED)}", "--judge=scripted", "--max_items_in_flight=1",
                *(f"--{p}_data={files[p]}" for p in JUDGED)]  # fmt: skip
     env = os.environ | {"JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen(command + ["--scripted_latency_s=0.1"], cwd=ROOT, env=env,
+    process = subprocess.Popen(command + ["--scripted_latency_s=0.2"], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     store = output / "dcscore.items.jsonl"
     deadline = time.monotonic() + 120
@@ -103,3 +104,36 @@ def test_resume_after_kill_minus_nine_judges_only_unfinished_items_and_matches(t
     keys = [json.loads(line)["key"] for line in store.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 8, "every item was judged exactly once across the two runs"
     assert payload["metrics"] == json.loads(json.dumps(reference["metrics"]))
+
+
+def test_shapes_world_from_a_captions_file_scores_reference_captions_100(tmp_path):
+    from balcap_jax.data import shapes_world as world
+    from balcap_jax.evaluation import shapes_world_eval
+    from balcap_jax.trainer.loop import prepare_data
+
+    config = default_config.get_config()
+    config.data.shapes_world.num_train = 2
+    config.data.shapes_world.num_eval = 3
+    config.data.records_dir = str(tmp_path / "data")
+    _, validation = prepare_data(config, tmp_path)
+    items = shapes_world_eval.items_from_source(validation)
+    scene = {item.image_id: world.SceneGraph.from_dict(item.scene_graph) for item in items}
+    # the first reference of each validation image, regenerated from its scene graph
+    captions = {i: world.reference_captions(scene[i], np.random.default_rng(0))[0] for i in scene}
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps({"image_id": i, "caption": c}) + "\n" for i, c in captions.items()))
+    payload = run_evaluation(EvalOptions(config=config, output=str(tmp_path / "out"), protocols=("shapes_world",),
+                                         captions=str(path)))  # fmt: skip
+    metrics = payload["metrics"]["shapes_world"]
+    assert metrics["num_items"] == 3
+    assert metrics["precision"] == metrics["recall"] == metrics["linguistic"] == metrics["qa"] == 100.0
+
+
+def test_bad_options_fail_with_the_flag_to_fix(tmp_path):
+    files = make_benchmarks(tmp_path / "bench", num_images=1)
+    with pytest.raises(ValueError, match="--dcscore_data"):
+        _options(files, tmp_path / "o", dcscore_data="")
+    with pytest.raises(ValueError, match="exactly one of --checkpoint"):
+        _options(files, tmp_path / "o", checkpoint=str(tmp_path))
+    with pytest.raises(ValueError, match="names a protocol twice"):
+        _options(files, tmp_path / "o", protocols=("dcscore", "dcscore"))

@@ -44,7 +44,7 @@ class Qwen2_5_VLModel(nnx.Module):
     """Vision tower + text decoder (HF `Qwen2_5_VLModel`)."""
 
     def __init__(self, config: Qwen2_5_VLConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
-        self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
         self.language_model = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
 
 
