@@ -51,6 +51,10 @@ from typing import Any
 
 import numpy as np
 
+# Everything is built in-process: never reach for the Hugging Face Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
@@ -302,6 +306,17 @@ class StepSettings:
     learning_rate: float
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """state: the updated TrainState; phases: {phase: seconds}; rewards: float32[P, G, K];
+    lengths: int32[P * G] completion tokens per rollout."""
+
+    state: update_lib.TrainState
+    phases: dict[str, float]
+    rewards: np.ndarray
+    lengths: np.ndarray
+
+
 @dataclasses.dataclass
 class OurStep:
     """balcap_jax's RL step (the body of `trainer/loop.py::_rl_step`, with the run's plumbing left out)."""
@@ -311,13 +326,13 @@ class OurStep:
     sampler: Sampler
     sampler_config: SamplerConfig
     update: update_lib.UpdateStep
-    advantages: Callable
+    advantages: Callable[[jax.Array], jax.Array]
     manager: RewardManager
     settings: StepSettings
 
-    def __call__(self, state: update_lib.TrainState, examples: Sequence[CaptionExample], key: jax.Array):
-        """-> (new state, {phase: seconds}, rewards float32[P, G, K])."""
-        P, G = self.settings.prompts, self.settings.group
+    def __call__(self, state: update_lib.TrainState, examples: Sequence[CaptionExample], key: jax.Array) -> StepOutput:
+        """One step on P examples (donates `state`)."""
+        G = self.settings.group
         phases: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -339,17 +354,16 @@ class OurStep:
         captions = batches_lib.completion_texts(self.policy, rollout)
         judged = self.manager.score_sync(batches_lib.reward_items(batch, captions, G))
         lap("reward")
-        lengths = jnp.asarray(rollout.lengths.reshape(P, G))
-        advantages = np.asarray(self.advantages(jnp.asarray(judged.rewards), lengths, jnp.zeros((P,), jnp.int32)))
+        advantages = np.asarray(self.advantages(jnp.asarray(judged.rewards)))
         lap("advantages")
-        train_batch = build_training_batch(prompts, rollout, G, tile_vision=batches_lib.tile_vision_for(self.policy, batch))
-        train_batch = dict(train_batch)
+        tile_vision = batches_lib.tile_vision_for(self.policy, batch)
+        train_batch = dict(build_training_batch(prompts, rollout, G, tile_vision=tile_vision))
         train_batch["advantages"] = advantages.reshape(-1)
         train_batch = jax.tree.map(jnp.asarray, train_batch)
         state, metrics = self.update(state, train_batch)
         jax.block_until_ready((state, metrics))
         lap("update")
-        return state, phases, judged.rewards
+        return StepOutput(state, phases, judged.rewards, rollout.lengths)
 
 
 def shaping_config() -> shaping.ShapingConfig:
@@ -375,18 +389,22 @@ def build_our_step(model, config: Qwen2_5_VLConfig, tokenizer, image_config: Ima
         learning_rate=settings.learning_rate, schedule="constant", weight_decay=0.0, max_grad_norm=1.0))
     loss_config = losses_lib.LossConfig(eps_low=0.2, eps_high=0.2, kl_coef=0.0, aggregation="token-mean")
     update = update_lib.make_update_step(make_log_prob_fn(graphdef, temperature=1.0), optimizer, loss_config)
-    cfg = shaping_config()
-    advantages = jax.jit(lambda r, l, rl: shaping.advantages(r, l, rl, cfg)[0])
     step = OurStep(policy, QwenCaptionProcessor(tokenizer, INSTRUCTION, image_config), Sampler(graphdef),
-                   sampler_config, update, advantages, manager, settings)  # fmt: skip
+                   sampler_config, update, c_gdpo_advantages, manager, settings)  # fmt: skip
     return step, update_lib.TrainState.create(params, optimizer)
 
 
+@jax.jit
+def c_gdpo_advantages(rewards: jax.Array) -> jax.Array:
+    """rewards float32[P, G, K] -> our c-GDPO advantages float32[P, G] (`shaping_config`; the caption lengths
+    `trainer.shaping` takes are unused without length handling)."""
+    no_lengths = jnp.zeros(rewards.shape[:2], jnp.int32)
+    return shaping.advantages(rewards, no_lengths, no_lengths[:, 0], shaping_config())[0]
+
+
 def our_advantages(rewards: np.ndarray) -> np.ndarray:
-    """Our c-GDPO advantages float32[P, G] of rewards float[P, G, K] (for the parity check against TRL)."""
-    rewards = jnp.asarray(rewards, jnp.float32)
-    lengths = jnp.zeros(rewards.shape[:2], jnp.int32)
-    return np.asarray(shaping.advantages(rewards, lengths, jnp.zeros(rewards.shape[:1], jnp.int32), shaping_config())[0])
+    """c_gdpo_advantages on host rewards float[P, G, K] (the parity check against TRL's advantages)."""
+    return np.asarray(c_gdpo_advantages(jnp.asarray(rewards, jnp.float32)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,9 +452,12 @@ def _status_kib(field: str) -> int:
 
 
 class PeakRSS:
-    """Peak resident-set growth (MiB) of this process over a region; NaN where /proc/self/clear_refs is absent."""
+    """Peak resident-set growth (MiB) of this process between `start()` and `stop()` (or over a `with` block);
+    NaN where /proc/self/clear_refs is unavailable."""
 
-    def __enter__(self) -> "PeakRSS":
+    growth_mib: float = float("nan")
+
+    def start(self) -> "PeakRSS":
         self.growth_mib = float("nan")
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -445,9 +466,16 @@ class PeakRSS:
             self._before = None
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> float:
         if self._before is not None:
             self.growth_mib = (_status_kib("VmHWM") - self._before) / 1024
+        return self.growth_mib
+
+    def __enter__(self) -> "PeakRSS":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,6 +492,8 @@ class Record:
     advantage_gap: list[float] = dataclasses.field(default_factory=list)
     ours_reward_means: list[list[float]] = dataclasses.field(default_factory=list)
     trl_reward_means: list[list[float]] = dataclasses.field(default_factory=list)
+    ours_lengths: list[int] = dataclasses.field(default_factory=list)
+    trl_lengths: list[int] = dataclasses.field(default_factory=list)
 
 
 def make_interleaving_callback(our_step: OurStep, state_box: dict, examples: Sequence[CaptionExample],
@@ -475,29 +505,32 @@ def make_interleaving_callback(our_step: OurStep, state_box: dict, examples: Seq
 
     class Interleave(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            self._peak = PeakRSS().__enter__()
+            self._peak = PeakRSS().start()
             self._start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             record.trl_seconds.append(time.perf_counter() - self._start)
-            self._peak.__exit__()
-            record.trl_peak_mib.append(self._peak.growth_mib)
+            record.trl_peak_mib.append(self._peak.stop())
             trainer = state_box["trainer"]
             trl_rewards, trl_advantages = trl_last_batch(trainer, rows)
             ours_on_trl = our_advantages(trl_rewards.reshape(settings.prompts, settings.group, -1)).reshape(-1)
             record.advantage_gap.append(float(np.max(np.abs(ours_on_trl - trl_advantages))))
             record.trl_reward_means.append(np.nanmean(trl_rewards, axis=0).tolist())
+            logged = trainer._metrics["train"]  # this step's completion-length extremes, from TRL's own metrics
+            record.trl_lengths += [int(logged["completions/min_length"][-1]), int(logged["completions/max_length"][-1])]
 
             step = state.global_step  # 1-based: TRL just finished step `step` on rows (step-1)*P .. step*P
             batch = examples[(step - 1) * settings.prompts : step * settings.prompts]
             key = jax.random.fold_in(jax.random.key(seed), step)
             with PeakRSS() as peak:
                 start = time.perf_counter()
-                state_box["ours"], phases, rewards = our_step(state_box["ours"], batch, key)
+                out = our_step(state_box["ours"], batch, key)
                 record.ours_seconds.append(time.perf_counter() - start)
+            state_box["ours"] = out.state
             record.ours_peak_mib.append(peak.growth_mib)
-            record.ours_phases.append(phases)
-            record.ours_reward_means.append(np.nanmean(rewards.reshape(-1, rewards.shape[-1]), axis=0).tolist())
+            record.ours_phases.append(out.phases)
+            record.ours_lengths.extend(out.lengths.tolist())
+            record.ours_reward_means.append(np.nanmean(out.rewards.reshape(-1, out.rewards.shape[-1]), 0).tolist())
 
     return Interleave()
 
@@ -556,9 +589,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         our_step, our_state = build_our_step(our_model, config, tokenizer, image_config, settings, manager)
         # Our first step compiles the sampler and the update: timed on its own, before TRL starts.
         start = time.perf_counter()
-        our_state, first_phases, _ = our_step(our_state, examples[: settings.prompts], jax.random.key(args.seed))
+        first = our_step(our_state, examples[: settings.prompts], jax.random.key(args.seed))
         ours_first_s = time.perf_counter() - start
-        state_box = {"ours": our_state}
+        state_box = {"ours": first.state}
         callback = make_interleaving_callback(our_step, state_box, examples, settings, record, args.seed)
         trainer = build_trl_trainer(hf_model, processor, images, settings, total_steps, args.seed, output_dir,
                                     callbacks=[callback])  # fmt: skip
@@ -568,6 +601,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              else trainer.optimizer).__name__  # fmt: skip
         compile_s = our_step.sampler.compile_seconds
 
+    # Equal work: every rollout on both sides has exactly new_tokens tokens.
+    lengths = {"trl_min": min(record.trl_lengths), "trl_max": max(record.trl_lengths),
+               "ours_min": min(record.ours_lengths), "ours_max": max(record.ours_lengths)}  # fmt: skip
+    if set(lengths.values()) != {settings.new_tokens}:
+        raise RuntimeError(f"rollout lengths differ from --new-tokens={settings.new_tokens}: {lengths}")
     measured = slice(args.warmup, None)
     trl_times, ours_times = record.trl_seconds[measured], record.ours_seconds[measured]
     if len(trl_times) < 1 or len(ours_times) < 1:
@@ -581,7 +619,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings=dict(dataclasses.asdict(settings), rows=settings.prompts * settings.group, warmup=args.warmup,
                       measured_steps=args.steps, rewards=[n for n, _ in REWARD_FUNCTIONS], advantage="c-GDPO",
                       trl_multi_objective_aggregation="normalize_then_sum", loss="token-mean (TRL dapo)",
-                      clip_eps=0.2, kl=0.0, dtype="float32"),
+                      clip_eps=0.2, kl=0.0, dtype="float32", completion_lengths=lengths),
         machine=dict(backend=jax.default_backend(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                      processor=platform.processor() or platform.machine(), loadavg_start=load_start,
                      loadavg_end=loadavg()),
@@ -591,7 +629,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  peak_rss_growth_mib=_nanmax(record.trl_peak_mib[measured]), optimizer=trl_optimizer,
                  reward_means=record.trl_reward_means),
         ours=dict(seconds=record.ours_seconds, median_s=ours_median, first_step_s=ours_first_s,
-                  sampler_compile_s=compile_s, first_step_phases=first_phases,
+                  sampler_compile_s=compile_s, first_step_phases=first.phases,
                   phase_medians={k: statistics.median(p[k] for p in record.ours_phases[measured]) for k in phase_names},
                   peak_rss_growth_mib=_nanmax(record.ours_peak_mib[measured]), reward_means=record.ours_reward_means),
         advantage_parity_max_abs=max(record.advantage_gap),

@@ -13,7 +13,7 @@ buffer plan for our compiled programs; on a GPU, device peak bytes instead.
 
 Reproduce (CPU, the numbers in experiments/results/bench_sampling.md):
     python experiments/bench_sampling.py
-GPU, Qwen2.5-VL-3B shapes, ours only (decode ms/step against the memory roofline is reported on every backend):
+GPU, Qwen2.5-VL-3B shapes, ours only, decode ms/step against the HBM roofline:
     python experiments/bench_sampling.py --preset 3b --skip-hf --out-name bench_sampling_3b
 The last line printed is `speedup_vs_hf=<float>` (our tokens/s / HF tokens/s; nan with --skip-hf).
 """
@@ -245,6 +245,7 @@ def main(argv=None) -> int:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     rows = args.prompts * args.group
+    load_at_start = os.getloadavg()[0]
     print(f"backend={backend} devices={jax.devices()} dtype={dtype_name} torch_threads={threads} rows={rows}")
 
     hf_config = transformers.Qwen2_5_VLConfig(**hf_config_dict(args.preset))
@@ -325,12 +326,12 @@ def main(argv=None) -> int:
             xla_decode_plan_mib=xla_plan_mib(decode_exe),
         ),
     )  # fmt: skip
-    if backend != "cpu":
+    if backend != "cpu":  # a memory roofline means little on a CPU whose caches hold much of a small model
         result["ours"]["device_peak_mib"] = device_peak_mib()
-    bandwidth = measure_bandwidth_gbs(2**30 if backend != "cpu" else 2**28)
-    roof = decode_roofline(model, rows, slots, dtype.itemsize, bandwidth)
-    result["roofline"] = dict(bandwidth_gbs=bandwidth, **roof,
-                              fraction=roof["roofline_ms"] / result["ours"]["decode_ms_per_step"])  # fmt: skip
+        bandwidth = measure_bandwidth_gbs(2**30)
+        roof = decode_roofline(model, rows, slots, dtype.itemsize, bandwidth)
+        result["roofline"] = dict(bandwidth_gbs=bandwidth, **roof,
+                                  fraction=roof["roofline_ms"] / result["ours"]["decode_ms_per_step"])  # fmt: skip
 
     speedup = float("nan")
     if hf_model is not None:
@@ -350,6 +351,7 @@ def main(argv=None) -> int:
                             transformers=transformers.__version__, torch=torch.__version__, **hf_peak)  # fmt: skip
         speedup = ours_tps / hf_tps
     result["speedup_vs_hf"] = speedup
+    result["load_average_1min"] = dict(start=load_at_start, end=os.getloadavg()[0])
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out_name}.json").write_text(json.dumps(result, indent=2))
@@ -370,7 +372,9 @@ def render_markdown(r: dict, argv) -> str:
         f"(grids t,h,w: {sorted({tuple(g) for g in r['image_grids']})}), prompts up to {r['prompt_tokens']} tokens "
         f"(bucket {r['prompt_bucket']}), {r['new_tokens']} new tokens per sequence, temperature-1 sampling over "
         f"the full vocabulary. Backend: {r['backend']} ({r['device']}); {r['cpu_count']} CPU cores, torch threads "
-        f"{r['torch_threads']}. Median of {r['runs']} runs after warm-up.",
+        f"{r['torch_threads']}. Median of {r['runs']} runs after warm-up. 1-minute load average "
+        f"{r['load_average_1min']['start']:.1f} at the start, {r['load_average_1min']['end']:.1f} at the end "
+        f"(above the core count: the machine was shared, which slows both engines).",
         "",
         "| engine | median s | tokens/s | peak memory | notes |",
         "| --- | ---: | ---: | --- | --- |",
@@ -395,8 +399,8 @@ def render_markdown(r: dict, argv) -> str:
         roof = r["roofline"]
         lines += [
             "",
-            f"Decode roofline: {roof['weight_bytes'] / 1e9:.2f} GB weights + {roof['kv_bytes'] / 1e9:.2f} GB KV per step "
-            f"at a measured {roof['bandwidth_gbs']:.0f} GB/s = {roof['roofline_ms']:.2f} ms/step; measured "
+            f"Decode roofline: {roof['weight_bytes'] / 1e9:.2f} GB weights + {roof['kv_bytes'] / 1e9:.2f} GB KV "
+            f"per step at a measured {roof['bandwidth_gbs']:.0f} GB/s = {roof['roofline_ms']:.2f} ms/step; measured "
             f"{ours['decode_ms_per_step']:.2f} ms/step ({100 * roof['fraction']:.0f}% of roofline).",
         ]
     lines += ["", f"Reproduce: `{cmd.strip()}`", ""]

@@ -44,7 +44,7 @@ CAVEATS = """\
   AdamW moments, FSDP over 8 devices) and of the batch; the state is donated, so the new state aliases it. The
   sum treats every buffer as live at once (an upper bound of XLA's own plan).
 * "state" is computed exactly from the abstract shapes and shardings (no compile involved).
-* Depth: every recipe is compiled at depth (text layers, vision blocks) = the "compiled at" column and
+* Depth: every recipe is compiled at the reduced depths (text layers, vision blocks) of the "how" column and
   **extrapolated linearly to full depth**: arguments / outputs / aliased grow by the exact per-layer state bytes;
   temp grows per layer by that layer's gradient + one update buffer (2 x its per-device parameter bytes) plus,
   for a rematerialised stack, its checkpointed input (`[B / micro_batches / 8, T, D]` in bf16 for the decoder,
@@ -58,8 +58,8 @@ CAVEATS = """\
   expands the optimization barriers and CSEs the recomputation into the forward pass; with CSE disabled its
   scheduler still hoists the recomputations), while the same layers under `lax.scan` keep only their inputs.
   XLA:CPU's own per-layer slopes for Qwen2.5-VL-7B: {cpu_slopes}; extrapolated with them the step would need
-  the no-remat footprint ({cpu_peak}), which is why the table uses the remat model above. GPU/TPU pipelines keep the
-  barriers; that remat holds there could not be checked on this machine (no accelerator).
+  the no-remat footprint ({cpu_peak}), which is why the table uses the remat model above. That XLA:GPU/TPU keep
+  the recomputation (as JAX trainers rely on) could not be checked on this machine (no accelerator).
 * The plan is XLA:CPU's: its fusion and layout choices (and fp32 computation of some bf16 ops) differ from
   XLA:GPU/TPU, and it counts none of the runtime's own reservations (CUDA context, cuBLAS/cuDNN workspaces,
   NCCL buffers, allocator fragmentation): keep ~10 GB of headroom on an 80 GB device.
@@ -106,7 +106,8 @@ def rollout_table(rollouts) -> list[str]:
             rows.append(
                 f"| {name} | {program.name.rsplit(' ', 1)[-1]} | {', '.join(str(d) for d in program.depths_compiled)} "
                 f"| {g(program.argument_bytes)} | {g(program.output_bytes)} | {g(program.alias_bytes)} "
-                f"| {g(program.temp_bytes)} | {g(program.peak_bytes)} | **{g(program.peak_bytes + program.state_bytes)}** |"
+                f"| {g(program.temp_bytes)} | {g(program.peak_bytes)} "
+                f"| **{g(program.peak_bytes + program.state_bytes)}** |"
             )
     rows.append("")
     return rows
@@ -143,8 +144,10 @@ def main() -> None:
     g = lambda n: f"{n / aot.GIB:.1f} GiB"  # noqa: E731
     q7 = cpu_reports.get("qwen7b")
     if q7 is None:
-        cpu_slopes = ("not measured in this run (use --cpu-slopes); when this file was first written, compiles at "
-                      "depths (1, 1), (2, 1), (1, 2) gave +12.1 GiB temp per decoder layer and +1.45 GiB per vision block")
+        cpu_slopes = (
+            "not measured in this run (use --cpu-slopes); when this file was first written, compiles at depths "
+            "(1, 1), (2, 1), (1, 2) gave +12.1 GiB temp per decoder layer and +1.45 GiB per vision block"
+        )
         cpu_peak = "about 400 GiB per device"
     else:
         cpu_slopes = "see `xla_cpu_slopes` in memory.json"

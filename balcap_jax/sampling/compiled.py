@@ -44,7 +44,9 @@ class CountingJit:
     traced; `donate_argnums` index the positional arguments.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, static_argnames: tuple[str, ...], donate_argnums: tuple[int, ...] = ()):
+    def __init__(
+        self, fn: Callable[..., Any], *, static_argnames: tuple[str, ...], donate_argnums: tuple[int, ...] = ()
+    ):
         self._jitted = jax.jit(fn, static_argnames=static_argnames, donate_argnums=donate_argnums)
         self._static_argnames = static_argnames
         self._compiled: dict[Hashable, Any] = {}

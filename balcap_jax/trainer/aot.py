@@ -46,8 +46,7 @@ from balcap_jax.rl.policy_logprobs import make_log_prob_fn
 
 GIB = 1024**3
 
-# Released checkpoints whose shapes a recipe can name in `config.model.release` (used when `config.model.hf_dir`
-# is unset or not on this machine). Values: (family name, () -> model config).
+
 def _qwen_release(name: str):
     def build():
         from balcap_jax.models.qwen2_5_vl.config import RELEASED_CONFIGS, Qwen2_5_VLConfig
@@ -63,6 +62,8 @@ def _llava_7b():
     return llava_1_5_7b()
 
 
+# Released checkpoints whose shapes a recipe can name in `config.model.release` (used when `config.model.hf_dir`
+# is unset or not on this machine). Values: (family name, () -> model config).
 RELEASES: dict[str, tuple[str, Any]] = {
     "Qwen2.5-VL-3B-Instruct": ("qwen2_5_vl", _qwen_release("Qwen2.5-VL-3B-Instruct")),
     "Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", _qwen_release("Qwen2.5-VL-7B-Instruct")),
@@ -122,7 +123,9 @@ def model_config_for(config: Any) -> tuple[registry.ModelFamily, Any]:
         )
     name, build = RELEASES[release]
     if name != config.model.name:
-        raise ValueError(f"config.model.release={release!r} is a {name!r} model but config.model.name={config.model.name!r}")
+        raise ValueError(
+            f"config.model.release={release!r} is a {name!r} model but config.model.name={config.model.name!r}"
+        )
     return registry.get(name), build()
 
 

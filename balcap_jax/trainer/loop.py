@@ -282,10 +282,9 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print) -> RunSummary:
                     scalars = _host_scalars(metrics)
                     scalars["sft/learning_rate"] = float(sft_lr(step))
             else:
-                scalars, samples = _rl_step(
+                state, scalars, samples = _rl_step(
                     policy, sampler, state, rl_iter, manager, rl_update, advantages_fn, config, timer, G, P
                 )
-                state = scalars.pop("_state")
                 if int(config.metrics.sample_every) and (step + 1) % int(config.metrics.sample_every) == 0:
                     writer.write_samples(step + 1, samples)
             step += 1
@@ -323,7 +322,8 @@ def _fmt(values: Mapping[str, float]) -> str:
 
 
 def _rl_step(policy, sampler, state, rl_iter, manager, rl_update, advantages_fn, config, timer, G, P):
-    """One RL step; returns (scalars with the new state under "_state", sample captions)."""
+    """One RL step: sample G rollouts per prompt, judge, shape rewards into advantages, update.
+    Returns (new state, scalars for the metric writers, one sample caption per prompt)."""
     with timer.phase("data"):
         batch = next(rl_iter)
         prompts = batches_lib.prompt_inputs(policy, batch)
@@ -368,8 +368,7 @@ def _rl_step(policy, sampler, state, rl_iter, manager, rl_update, advantages_fn,
          "advantage": float(advantages.reshape(-1)[n])}
         for n in range(0, P * G, G)
     ]
-    scalars["_state"] = {"train": train_state, "rng": rng}
-    return scalars, samples
+    return {"train": train_state, "rng": rng}, scalars, samples
 
 
 def _export(policy: Policy, graphdef, params, directory: str) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from balcap_jax.parallel.mesh import make_mesh
-from balcap_jax.sampling import FinishReason, Greedy, Sampler, SamplerConfig, Temperature, TopP, build_training_batch
+from balcap_jax.sampling import FinishReason, Sampler, SamplerConfig, Temperature, TopP, build_training_batch
 from tests.sampling.reference import completion_logprobs_full_forward, greedy_reference
 from tests.sampling.toy_lm import IMAGE_TOKEN, ToyLM, make_toy
 from tests.sampling.toy_prompts import EOS, PAD, tile_toy_vision, toy_prompts

@@ -48,6 +48,14 @@ def _flags(data_dir: str) -> list[str]:
     return [f"--config.{k}={v}" for k, v in MINI.items()] + [f"--config.data.records_dir={data_dir}"]
 
 
+def _single_device_env() -> dict[str, str]:
+    """The child runs like a user's run: one CPU device (the suite's 8 fake devices would not match the recipe's
+    1x1x1 mesh, which the validator rightly rejects)."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
 def _metrics(workdir: Path) -> dict[int, dict]:
     rows = {}
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
@@ -66,7 +74,8 @@ def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(tmp_path):
 
     workdir = tmp_path / "killed"
     command = [sys.executable, "-m", "balcap_jax.train", f"--workdir={workdir}", *_flags(data_dir)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=_single_device_env())
     deadline = time.monotonic() + 600
     try:
         while not (workdir / "checkpoints" / "4").is_dir():  # orbax renames a step dir into place when complete
@@ -80,7 +89,7 @@ def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(tmp_path):
     completed = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert completed and completed[-1] < 8, f"the run finished before it was killed: {completed}"
 
-    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_single_device_env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {completed[-1]}" in resumed.stdout
     assert "reward_gain total=" in resumed.stdout.splitlines()[-1]
@@ -94,7 +103,7 @@ def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_a_wrong_config_field_fails_fast_with_its_name(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "balcap_jax.train", f"--workdir={tmp_path}", "--config.sampling.group_size=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=_single_device_env(),
     )
     assert result.returncode == 2
     assert "group_size" in result.stderr
