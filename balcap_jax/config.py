@@ -140,6 +140,8 @@ SCHEMA: tuple[Field, ...] = (
     _f("model.hf_dir", "str", "local Hugging Face model directory; empty = random init from model.tiny"),
     _f("model.dtype", "str", "activation dtype", choices=DTYPES),
     _f("model.param_dtype", "str", "parameter dtype", choices=DTYPES),
+    _f("model.remat", "bool", "recompute layer activations in the backward pass (real-scale recipes)", optional=True),
+    _f("model.release", "str", "released checkpoint whose shapes AOT tools use when hf_dir is unset", optional=True),
     # mesh
     _f("mesh.data", "int", "data-parallel axis size (-1 = all remaining devices)", low=-1),
     _f("mesh.fsdp", "int", "FSDP axis size (-1 = all remaining devices)", low=-1),

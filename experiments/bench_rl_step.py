@@ -484,6 +484,8 @@ class PeakRSS:
 
 @dataclasses.dataclass
 class Record:
+    """Per-step measurements of both sides, in step order (warm-up steps included)."""
+
     trl_seconds: list[float] = dataclasses.field(default_factory=list)
     ours_seconds: list[float] = dataclasses.field(default_factory=list)
     ours_phases: list[dict[str, float]] = dataclasses.field(default_factory=list)
@@ -531,6 +533,8 @@ def make_interleaving_callback(our_step: OurStep, state_box: dict, examples: Seq
             record.ours_phases.append(out.phases)
             record.ours_lengths.extend(out.lengths.tolist())
             record.ours_reward_means.append(np.nanmean(out.rewards.reshape(-1, out.rewards.shape[-1]), 0).tolist())
+            print(f"step {step}: TRL {record.trl_seconds[-1]:.2f} s, ours {record.ours_seconds[-1]:.2f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     return Interleave()
 
@@ -600,6 +604,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trl_optimizer = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                              else trainer.optimizer).__name__  # fmt: skip
         compile_s = our_step.sampler.compile_seconds
+        sampler_programs = our_step.sampler.compiled_variants
 
     # Equal work: every rollout on both sides has exactly new_tokens tokens.
     lengths = {"trl_min": min(record.trl_lengths), "trl_max": max(record.trl_lengths),
@@ -629,7 +634,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  peak_rss_growth_mib=_nanmax(record.trl_peak_mib[measured]), optimizer=trl_optimizer,
                  reward_means=record.trl_reward_means),
         ours=dict(seconds=record.ours_seconds, median_s=ours_median, first_step_s=ours_first_s,
-                  sampler_compile_s=compile_s, first_step_phases=first.phases,
+                  sampler_compile_s=compile_s, sampler_programs=sampler_programs, first_step_phases=first.phases,
                   phase_medians={k: statistics.median(p[k] for p in record.ours_phases[measured]) for k in phase_names},
                   peak_rss_growth_mib=_nanmax(record.ours_peak_mib[measured]), reward_means=record.ours_reward_means),
         advantage_parity_max_abs=max(record.advantage_gap),
@@ -656,10 +661,10 @@ def render_markdown(r: dict, command: str) -> str:
         f"tied embeddings, hidden {r['model']['size']['hidden']}, {r['model']['size']['layers']} text layers, "
         f"{r['model']['size']['vision_depth']}-block vision tower), identical weights on both sides (step-0 max "
         f"|logit gap| {r['model']['step0_max_logit_gap']:.1e}). Per step: {s['prompts']} prompts x G={s['group']} = "
-        f"{s['rows']} rollouts of exactly {s['new_tokens']} tokens, one photograph per prompt (grids t,h,w: "
-        f"{[tuple(g) for g in r['model']['image_grids']]}), rewards {s['rewards']} (pure-Python text functions), "
-        f"{s['advantage']} (TRL `multi_objective_aggregation=\"normalize_then_sum\"`), {s['loss']} clipped surrogate "
-        f"(eps {s['clip_eps']}), no KL, AdamW lr {s['learning_rate']}, {s['dtype']}.",
+        f"{s['rows']} rollouts of exactly {s['new_tokens']} tokens (checked on both sides), one photograph per prompt "
+        f"(grids t,h,w: {[tuple(g) for g in r['model']['image_grids']]}), rewards {s['rewards']} (pure-Python "
+        f"text functions), {s['advantage']} (TRL `multi_objective_aggregation=\"normalize_then_sum\"`), "
+        f"{s['loss']} clipped surrogate (eps {s['clip_eps']}), no KL, AdamW lr {s['learning_rate']}, {s['dtype']}.",
         "",
         f"Machine: {m['backend']} backend, {m['cpu_count']} CPU cores (shared), torch threads {m['torch_threads']}, "
         f"load average {m['loadavg_start']} at start, {m['loadavg_end']} at end. Steps interleaved (TRL, ours, TRL, "
@@ -672,14 +677,17 @@ def render_markdown(r: dict, command: str) -> str:
         f"{trl['peak_rss_growth_mib']:.0f} MiB | HF `generate` (G copies of each prompt and image), eager "
         f"forward/backward, {trl['optimizer']} |",
         f"| balcap_jax (jax {r['versions']['jax']}) | {ours['median_s']:.3f} | {ours['first_step_s']:.3f} (compile "
-        f"included; sampler compile {ours['sampler_compile_s']:.1f} s) | {ours['peak_rss_growth_mib']:.0f} MiB | "
+        f"included; sampler: {ours['sampler_programs']} programs, {ours['sampler_compile_s']:.1f} s to compile) | "
+        f"{ours['peak_rss_growth_mib']:.0f} MiB | "
         f"phase medians (s): {phases} |",
         "",
         f"**speedup_vs_trl = {r['speedup_vs_trl']:.2f}x** (TRL median s/step / ours). Advantage parity: our c-GDPO on "
         f"TRL's own rewards differs from TRL's advantages by at most {r['advantage_parity_max_abs']:.1e}.",
         "",
         f"Per-step seconds, TRL: {[round(x, 3) for x in trl['seconds']]}; ours: "
-        f"{[round(x, 3) for x in ours['seconds']]}.",
+        f"{[round(x, 3) for x in ours['seconds']]} (ours after its first, compiling step; a warm-up step that meets a "
+        "new prompt-length or image-patch bucket compiles one more program, which is why warm-up steps are "
+        "discarded).",
         "",
         "Both sides do the same work per step except where the designs differ: TRL encodes each image G times "
         "(once per rollout) in generation and again in the training forward; ours encodes it once for sampling "
@@ -695,9 +703,9 @@ def render_markdown(r: dict, command: str) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, default=4, help="P prompts per step")
+    parser.add_argument("--prompts", type=int, default=2, help="P prompts per step")
     parser.add_argument("--group", type=int, default=4, help="G rollouts per prompt")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per rollout (forced on both sides)")
+    parser.add_argument("--new-tokens", type=int, default=24, help="tokens per rollout (forced on both sides)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--warmup", type=int, default=2, help="steps per side discarded before measuring")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per side (median reported)")

@@ -37,7 +37,9 @@ from balcap_jax.sampling.config import SamplerConfig
 from balcap_jax.sampling.rollout import FinishReason, build_training_batch
 from balcap_jax.sampling.sampler import Sampler
 from balcap_jax.sampling.strategies import Greedy, Temperature, TopP
+from balcap_jax.parallel.mesh import MeshShape, make_mesh
 from balcap_jax.trainer import batches as batches_lib
+from balcap_jax.trainer import placement
 from balcap_jax.trainer import shaping
 from balcap_jax.trainer.judges import build_reward_components
 from balcap_jax.trainer.policy import Policy, build_policy
@@ -151,7 +153,13 @@ def _optimizer(config: Any, *, lr: float, total_steps: int, warmup: int):
 def evaluate_rewards(
     policy: Policy, sampler: Sampler, params: Any, manager: RewardManager, eval_batches, config: Any
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy captions of every held-out batch, judged: mean per component and the weighted total."""
+    """Greedy captions of every held-out batch, judged: mean per component and the weighted total.
+    `params` should be in the sampling layout."""
+    if not eval_batches:
+        raise ValueError(
+            "the held-out split yields no full batch: config.data.shapes_world.num_eval (or the manifest) must "
+            "hold at least prompts_per_batch * group_size images"
+        )
     scfg = sampler_config(config, policy, greedy=True, group_size=1)
     all_rewards, samples = [], []
     for batch in eval_batches:
@@ -169,9 +177,11 @@ def evaluate_rewards(
 
 
 def _eval_batches(config: Any, eval_source, processor, policy: Policy) -> list[dict[str, Any]]:
+    """The held-out split in batches of P*G images (a row count the RL batch already divides over the mesh)."""
     cfg = pipeline_lib.PipelineConfig(
-        batch_size=int(config.data.prompts_per_batch), buckets=tuple(config.data.prompt_buckets), shuffle=False,
-        num_epochs=1, pad_id=policy.pad_id, concat_keys=QWEN_CONCAT_KEYS, seed=int(config.seed),
+        batch_size=int(config.data.prompts_per_batch) * int(config.sampling.group_size),
+        buckets=tuple(config.data.prompt_buckets), shuffle=False, num_epochs=1, pad_id=policy.pad_id,
+        concat_keys=QWEN_CONCAT_KEYS, seed=int(config.seed), drop_remainder=True,
     )
     return list(pipeline_lib.make_dataset(eval_source, processor, cfg))
 
@@ -180,16 +190,13 @@ def _eval_batches(config: Any, eval_source, processor, policy: Policy) -> list[d
 # The run
 
 
-def _to_device(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x, tree)
-
-
 def _host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
-def run(config: Any, workdir: str | os.PathLike, *, echo=print) -> RunSummary:
-    """Runs (or resumes) the recipe `config` in `workdir`."""
+def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) -> RunSummary:
+    """Runs (or resumes) the recipe `config` in `workdir` on a mesh of `devices` (default: all devices, which the
+    config's mesh shape must cover)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     seed = int(config.seed)
@@ -198,10 +205,15 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print) -> RunSummary:
     G, P = int(config.sampling.group_size), int(config.data.prompts_per_batch)
 
     train_source, eval_source = prepare_data(config, workdir)
-    policy = build_policy(config, corpus=corpus_texts(train_source) if not config.model.hf_dir else None, seed=seed)
+    mesh = make_mesh(MeshShape.from_config(config.mesh), devices=devices)
+    corpus = corpus_texts(train_source) if not config.model.hf_dir else None
+    policy = build_policy(config, corpus=corpus, seed=seed, mesh=mesh)
     graphdef, params = nnx.split(policy.model)
+    params = jax.device_put(params, placement.param_shardings(policy.family, params, mesh, "training"))
+    sampling_shardings = placement.param_shardings(policy.family, params, mesh, "sampling")
+    for_sampling = lambda p: jax.device_put(p, sampling_shardings)  # noqa: E731
     log_prob_fn = make_log_prob_fn(graphdef, temperature=max(float(config.sampling.temperature), 1e-6))
-    sampler = Sampler(graphdef)
+    sampler = Sampler(graphdef, mesh=mesh)
     processor = batches_lib.PolicyPromptProcessor(
         QwenCaptionProcessor(policy.tokenizer, instruction=config.data.prompt, image_config=policy.image_config),
         policy,
@@ -265,8 +277,8 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print) -> RunSummary:
             in_sft = step < sft_steps
             if step == sft_steps and not eval_start:
                 with timer.phase("eval"):
-                    eval_start, samples = evaluate_rewards(policy, sampler, state["train"].params, manager,
-                                                           eval_batches, config)
+                    eval_start, samples = evaluate_rewards(policy, sampler, for_sampling(state["train"].params),
+                                                           manager, eval_batches, config)
                 writer.write_samples(step, samples[:8], tag="eval_start")
                 echo("eval before RL: " + _fmt(eval_start))
             if step == sft_steps and sft_steps:  # the RL phase starts with a fresh optimizer
@@ -277,13 +289,14 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print) -> RunSummary:
                     prompts = batches_lib.prompt_inputs(policy, batch)
                     train_batch = batches_lib.sft_batch(policy, batch, prompts, int(config.sampling.max_new_tokens))
                 with timer.phase("update"):
-                    train_state, metrics = sft_step(state["train"], _to_device(train_batch))
+                    train_state, metrics = sft_step(state["train"], placement.place_batch(train_batch, mesh))
                     state = {"train": train_state, "rng": state["rng"]}
                     scalars = _host_scalars(metrics)
                     scalars["sft/learning_rate"] = float(sft_lr(step))
             else:
                 state, scalars, samples = _rl_step(
-                    policy, sampler, state, rl_iter, manager, rl_update, advantages_fn, config, timer, G, P
+                    policy, sampler, state, rl_iter, manager, rl_update, advantages_fn, config, timer, G, P,
+                    mesh=mesh, for_sampling=for_sampling,
                 )
                 if int(config.metrics.sample_every) and (step + 1) % int(config.metrics.sample_every) == 0:
                     writer.write_samples(step + 1, samples)
@@ -303,9 +316,10 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print) -> RunSummary:
         eval_end: dict[str, float] = {}
         export_dir = None
         if not stopped_early:
+            final = for_sampling(state["train"].params)
             if not eval_start:  # no RL phase ran (or rl_steps == 0 with sft only)
-                eval_start, _ = evaluate_rewards(policy, sampler, state["train"].params, manager, eval_batches, config)
-            eval_end, samples = evaluate_rewards(policy, sampler, state["train"].params, manager, eval_batches, config)
+                eval_start, _ = evaluate_rewards(policy, sampler, final, manager, eval_batches, config)
+            eval_end, samples = evaluate_rewards(policy, sampler, final, manager, eval_batches, config)
             writer.write_samples(step, samples[:8], tag="eval_end")
             writer.write_scalars(step, {f"eval_end/{k}": v for k, v in eval_end.items()}
                                  | {f"eval_start/{k}": v for k, v in eval_start.items()})
@@ -321,7 +335,8 @@ def _fmt(values: Mapping[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in values.items())
 
 
-def _rl_step(policy, sampler, state, rl_iter, manager, rl_update, advantages_fn, config, timer, G, P):
+def _rl_step(policy, sampler, state, rl_iter, manager, rl_update, advantages_fn, config, timer, G, P, *,
+             mesh, for_sampling):
     """One RL step: sample G rollouts per prompt, judge, shape rewards into advantages, update.
     Returns (new state, scalars for the metric writers, one sample caption per prompt)."""
     with timer.phase("data"):
@@ -329,7 +344,7 @@ def _rl_step(policy, sampler, state, rl_iter, manager, rl_update, advantages_fn,
         prompts = batches_lib.prompt_inputs(policy, batch)
     scfg = sampler_config(config, policy)
     rng, key = jax.random.split(state["rng"])
-    params = state["train"].params
+    params = for_sampling(state["train"].params)
     with timer.phase("sample"):
         prepared = sampler.prepare_prompts(prompts, scfg)
         rollout = sampler.decode(params, sampler.prefill(params, prepared, scfg), scfg, key)
@@ -345,8 +360,9 @@ def _rl_step(policy, sampler, state, rl_iter, manager, rl_update, advantages_fn,
         advantages = np.asarray(advantages)
     with timer.phase("update"):
         train_batch = build_training_batch(prepared, rollout, G, tile_vision=batches_lib.tile_vision_for(policy, batch))
+        train_batch = {k: (v if k == "vision" else np.asarray(v)) for k, v in train_batch.items()}
         train_batch["advantages"] = advantages.reshape(-1)
-        train_batch = _to_device(dict(train_batch))
+        train_batch = placement.place_batch(train_batch, mesh)
         train_state = state["train"]
         metrics: dict[str, Any] = {}
         for _ in range(int(config.train.updates_per_batch)):

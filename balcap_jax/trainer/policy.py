@@ -120,12 +120,15 @@ def corpus_vocab(tokenizer: Any, prompt_ids: np.ndarray, texts: Iterable[str]) -
     return VocabSubset.from_corpus(sequences, always=specials)
 
 
-def build_policy(config: Any, *, corpus: Iterable[str] | None, seed: int) -> Policy:
-    """The run's policy. `corpus` (reference texts) is required for from-scratch models (vocabulary subset)."""
+def build_policy(config: Any, *, corpus: Iterable[str] | None, seed: int, mesh: Any = None) -> Policy:
+    """The run's policy. `corpus` (reference texts) is required for from-scratch models (vocabulary subset).
+    With a `mesh`, HF weights are streamed straight into the family's training layout (no device ever holds the
+    whole model)."""
     model_cfg = config.model
     dtype, param_dtype = _dtype(model_cfg.dtype), _dtype(model_cfg.param_dtype)
+    remat = bool(model_cfg.get("remat", False))
     if model_cfg.hf_dir:
-        return _from_hf_dir(config, dtype=dtype, param_dtype=param_dtype)
+        return _from_hf_dir(config, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh)
     if model_cfg.name != "qwen2_5_vl":
         raise ValueError(
             f"config.model.name={model_cfg.name!r} with an empty config.model.hf_dir: only 'qwen2_5_vl' can be "
@@ -142,12 +145,12 @@ def build_policy(config: Any, *, corpus: Iterable[str] | None, seed: int) -> Pol
     vocab = corpus_vocab(tokenizer, prompt_ids, corpus)
     qwen_config = tiny_qwen_config(model_cfg.tiny, vocab=vocab)
     family = registry.get("qwen2_5_vl")
-    model = family.model_class(qwen_config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+    model = family.model_class(qwen_config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, remat=remat)
     eos = vocab.compact(tokenizer.convert_tokens_to_ids(IM_END))
     return Policy(family, qwen_config, model, tokenizer, image_config, vocab, eos_id=eos, pad_id=vocab.unk_id)
 
 
-def _from_hf_dir(config: Any, *, dtype, param_dtype) -> Policy:
+def _from_hf_dir(config: Any, *, dtype, param_dtype, remat: bool, mesh: Any) -> Policy:
     from transformers import AutoTokenizer
 
     from balcap_jax.models.hf_io import read_hf_config
@@ -166,7 +169,8 @@ def _from_hf_dir(config: Any, *, dtype, param_dtype) -> Policy:
             f"the training loop drives Qwen2.5-VL policies; {family.name!r} loads and samples (see models/) but its "
             "data adapter is not wired into the loop yet"
         )
-    model = family.load(directory, dtype=dtype, param_dtype=param_dtype)
+    sharding = family.sharding("training") if mesh is not None else None
+    model = family.load(directory, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh, sharding=sharding)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     hf_config = read_hf_config(directory)
     preprocessor = os.path.join(directory, "preprocessor_config.json")

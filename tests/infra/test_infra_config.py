@@ -37,6 +37,15 @@ class _AnyVariableSet(dict):
         return True
 
 
+USER_SUPPLIED = tuple(
+    f"config.{field}"
+    for field in (
+        "model.hf_dir", "data.manifest", "rewards.judge.llm_url", "rewards.judge.llm_model",
+        "rewards.judge.vlm_url", "rewards.judge.vlm_model",
+    )
+)
+
+
 def test_every_recipe_in_configs_is_valid():
     names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
     assert "tiny" in names
@@ -45,8 +54,11 @@ def test_every_recipe_in_configs_is_valid():
         config = recipe(name)
         sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
         devices = 8 if -1 in sizes else sizes[0] * sizes[1] * sizes[2]
-        # real-model recipes name weight directories that exist only on the user's machine
-        assert problems_of(config, device_count=devices, check_paths=False, environ=_AnyVariableSet()) == [], name
+        # Real-model recipes leave the user's weights, data and judge servers unset on purpose (the validator
+        # must name them); nothing else may be wrong. tests/train/test_train_aot_recipes.py validates them filled in.
+        problems = problems_of(config, device_count=devices, check_paths=False, environ=_AnyVariableSet())
+        unexpected = [p for p in problems if not p.startswith(USER_SUPPLIED)]
+        assert unexpected == [], name
 
 
 @pytest.mark.parametrize(
