@@ -152,7 +152,8 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf-dir", required=True, help="local HF Qwen2.5-VL directory (config.json + safetensors)")
+    parser.add_argument("--hf-dir", required=True,
+                        help="local HF Qwen2.5-VL or LLaVA-1.5 directory (config.json + safetensors)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="text tokens in the image prompt")
     parser.add_argument("--grids", default=";".join(",".join(map(str, g)) for g in DEFAULT_GRIDS),
                         help="image patch grids 't,h,w;t,h,w;...' (h, w even) of random images; '' for text only")
@@ -163,6 +164,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kl-tol", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+
+    from balcap_jax.models import registry
+
+    if registry.family_for_hf_dir(args.hf_dir).name == "llava":
+        from balcap_jax.models.llava.parity import check_llava
+
+        report = check_llava(args.hf_dir, seed=args.seed, prompt_tokens=args.prompt_tokens)
+        print(report)
+        ok = report.ok(logit_tol=args.logit_tol, kl_tol=args.kl_tol)
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
 
     import jax
     import jax.numpy as jnp

@@ -13,21 +13,24 @@ from typing import Any
 
 import numpy as np
 
-from balcap_jax.data.qwen_inputs import QwenCaptionProcessor
 from balcap_jax.data.records import CaptionExample
 from balcap_jax.models.interface import next_text_positions
-from balcap_jax.models.qwen2_5_vl.vision_host import prepare_vision_inputs
 from balcap_jax.rewards.types import RewardItem
 from balcap_jax.sampling.rollout import Rollout, build_training_batch
+from balcap_jax.trainer.families import family_of
 from balcap_jax.trainer.policy import Policy
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyPromptProcessor:
-    """The pipeline processor for a policy: Qwen prompt features with ids in the policy's vocabulary."""
+    """The pipeline processor for a policy: its family's prompt features, ids mapped to the policy's vocabulary."""
 
-    inner: QwenCaptionProcessor
+    inner: Any
     policy: Policy
+
+    @classmethod
+    def for_policy(cls, policy: Policy, instruction: str) -> "PolicyPromptProcessor":
+        return cls(family_of(policy).processor(policy, instruction), policy)
 
     @property
     def pad_id(self) -> int:
@@ -40,17 +43,14 @@ class PolicyPromptProcessor:
 
 
 def vision_inputs(policy: Policy, batch: Mapping[str, Any], repeats: int = 1) -> dict[str, np.ndarray]:
-    """The vision tower's inputs for the batch's images. With repeats=G the tower still encodes each image once
-    and emits its tokens G times consecutively (the G rollouts of a prompt share one image encoding)."""
-    return prepare_vision_inputs(
-        np.asarray(batch["pixel_values"]), np.asarray(batch["image_grid_thw"]), policy.model_config.vision,
-        repeats=repeats,
-    )
+    """The vision inputs for the batch's images, each image's tokens repeated `repeats` times consecutively
+    (see `families.py` for how each family does it)."""
+    return family_of(policy).vision_inputs(policy, batch, repeats)
 
 
 def prompt_inputs(policy: Policy, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Pipeline batch -> prompt SequenceInputs (numpy): input_ids [P, T], attention_mask, positions [3, P, T],
-    vision."""
+    """Pipeline batch -> prompt SequenceInputs (numpy): input_ids [P, T], attention_mask, positions ([3, P, T]
+    M-RoPE or [P, T]), vision."""
     return {
         "input_ids": np.asarray(batch["input_ids"], np.int32),
         "attention_mask": np.asarray(batch["attention_mask"], bool),

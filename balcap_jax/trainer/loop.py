@@ -27,7 +27,6 @@ from balcap_jax import metrics as metrics_lib
 from balcap_jax.data import pipeline as pipeline_lib
 from balcap_jax.data import shapes_world as world
 from balcap_jax.data import tfds_builder
-from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
 from balcap_jax.data.shapes_world_records import prepare_shapes_world
 from balcap_jax.rewards.manager import RewardManager
 from balcap_jax.rl import losses as losses_lib
@@ -41,6 +40,7 @@ from balcap_jax.parallel.mesh import MeshShape, make_mesh
 from balcap_jax.trainer import batches as batches_lib
 from balcap_jax.trainer import placement
 from balcap_jax.trainer import shaping
+from balcap_jax.trainer.families import family_of
 from balcap_jax.trainer.judges import build_reward_components
 from balcap_jax.trainer.policy import Policy, build_policy
 from balcap_jax.trainer.sft import make_sft_step
@@ -121,7 +121,6 @@ def sampler_config(config: Any, policy: Policy, *, greedy: bool = False, group_s
         strategy = TopP(float(s.top_p), float(s.temperature), top_k)
     else:
         strategy = Temperature(float(s.temperature), top_k)
-    image_id = int(policy.model_config.image_token_id)
     return SamplerConfig(
         max_new_tokens=int(s.max_new_tokens),
         eos_ids=(int(policy.eos_id),),
@@ -130,8 +129,7 @@ def sampler_config(config: Any, policy: Policy, *, greedy: bool = False, group_s
         group_size=int(s.group_size) if group_size is None else group_size,
         prompt_buckets=tuple(int(b) for b in config.data.prompt_buckets),
         cache_dtype="float32" if config.model.dtype == "float32" else "bfloat16",
-        blocked_ids=(image_id, int(policy.model_config.vision_start_token_id),
-                     int(policy.model_config.vision_end_token_id)),
+        blocked_ids=family_of(policy).blocked_ids(policy),
     )
 
 
@@ -181,7 +179,7 @@ def _eval_batches(config: Any, eval_source, processor, policy: Policy) -> list[d
     cfg = pipeline_lib.PipelineConfig(
         batch_size=int(config.data.prompts_per_batch) * int(config.sampling.group_size),
         buckets=tuple(config.data.prompt_buckets), shuffle=False, num_epochs=1, pad_id=policy.pad_id,
-        concat_keys=QWEN_CONCAT_KEYS, seed=int(config.seed), drop_remainder=True,
+        concat_keys=family_of(policy).concat_keys, seed=int(config.seed), drop_remainder=True,
     )
     return list(pipeline_lib.make_dataset(eval_source, processor, cfg))
 
@@ -214,15 +212,12 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
     for_sampling = lambda p: jax.device_put(p, sampling_shardings)  # noqa: E731
     log_prob_fn = make_log_prob_fn(graphdef, temperature=max(float(config.sampling.temperature), 1e-6))
     sampler = Sampler(graphdef, mesh=mesh)
-    processor = batches_lib.PolicyPromptProcessor(
-        QwenCaptionProcessor(policy.tokenizer, instruction=config.data.prompt, image_config=policy.image_config),
-        policy,
-    )
+    processor = batches_lib.PolicyPromptProcessor.for_policy(policy, config.data.prompt)
 
     def pipeline(batch_size: int, phase_seed: int):
         cfg = pipeline_lib.PipelineConfig(
             batch_size=batch_size, buckets=tuple(config.data.prompt_buckets), seed=phase_seed,
-            pad_id=policy.pad_id, concat_keys=QWEN_CONCAT_KEYS, drop_remainder=True,
+            pad_id=policy.pad_id, concat_keys=family_of(policy).concat_keys, drop_remainder=True,
         )
         return iter(pipeline_lib.make_dataset(train_source, processor, cfg))
 
@@ -345,10 +340,12 @@ def _rl_step(policy, sampler, state, rl_iter, manager, rl_update, advantages_fn,
     scfg = sampler_config(config, policy)
     rng, key = jax.random.split(state["rng"])
     params = for_sampling(state["train"].params)
+    sample_start = time.perf_counter()
     with timer.phase("sample"):
         prepared = sampler.prepare_prompts(prompts, scfg)
         rollout = sampler.decode(params, sampler.prefill(params, prepared, scfg), scfg, key)
         rollout = jax.tree.map(np.asarray, rollout)
+    sample_seconds = time.perf_counter() - sample_start
     with timer.phase("reward"):
         captions = batches_lib.completion_texts(policy, rollout)
         judged = manager.score_sync(batches_lib.reward_items(batch, captions, G))
@@ -377,6 +374,7 @@ def _rl_step(policy, sampler, state, rl_iter, manager, rl_update, advantages_fn,
     scalars["length/ratio_mean"] = float(np.mean(lengths / np.maximum(ref_lengths[:, None], 1)))
     scalars["length/eos_fraction"] = float(eos.mean())
     scalars["sample/tokens"] = float(tokens)
+    scalars["sample/tokens_per_s"] = tokens / max(sample_seconds, 1e-9)  # includes compiles on the first step
     samples = [
         {"image_id": batch["example_id"][n // G], "caption": captions[n], "reference": batch["references"][n // G][0],
          "rewards": {name: float(judged.rewards.reshape(-1, len(judged.component_names))[n, k])

@@ -34,7 +34,7 @@ class Policy:
     model_config: Any
     model: nnx.Module
     tokenizer: Any
-    image_config: qwen_processor.ImageProcessorConfig
+    image_config: Any  # the family's image processing config (Qwen ImageProcessorConfig | ClipImageProcessorConfig)
     vocab: VocabSubset | None
     eos_id: int
     pad_id: int
@@ -164,23 +164,31 @@ def _from_hf_dir(config: Any, *, dtype, param_dtype, remat: bool, mesh: Any) -> 
     family = registry.family_for_hf_dir(directory)
     if family.name != config.model.name:
         raise ValueError(f"config.model.name={config.model.name!r} but {directory} holds a {family.name!r} model")
-    if family.name != "qwen2_5_vl":
-        raise NotImplementedError(
-            f"the training loop drives Qwen2.5-VL policies; {family.name!r} loads and samples (see models/) but its "
-            "data adapter is not wired into the loop yet"
-        )
     sharding = family.sharding("training") if mesh is not None else None
     model = family.load(directory, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh, sharding=sharding)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    hf_config = read_hf_config(directory)
-    preprocessor = os.path.join(directory, "preprocessor_config.json")
-    if os.path.isfile(preprocessor):
-        import json
+    model_config = family.config_from_hf(read_hf_config(directory))
+    preprocessor = _read_json(os.path.join(directory, "preprocessor_config.json"))
+    if family.name == "llava":
+        from balcap_jax.models.llava.processor import ClipImageProcessorConfig
 
-        with open(preprocessor) as f:
-            image_config = qwen_processor.ImageProcessorConfig.from_hf(json.load(f))
+        image_config = (ClipImageProcessorConfig.from_hf_dict(preprocessor) if preprocessor
+                        else ClipImageProcessorConfig.for_model(model_config))
+        eos = tokenizer.eos_token_id
     else:
-        image_config = qwen_processor.ImageProcessorConfig()
-    eos = int(tokenizer.convert_tokens_to_ids(IM_END))
+        image_config = (qwen_processor.ImageProcessorConfig.from_hf(preprocessor) if preprocessor
+                        else qwen_processor.ImageProcessorConfig())
+        eos = tokenizer.convert_tokens_to_ids(IM_END)
+    if eos is None:
+        raise ValueError(f"the tokenizer in {directory} defines no end-of-turn token; captions could never end")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return Policy(family, family.config_from_hf(hf_config), model, tokenizer, image_config, None, eos, int(pad))
+    return Policy(family, model_config, model, tokenizer, image_config, None, int(eos), int(pad))
+
+
+def _read_json(path: str) -> dict | None:
+    import json
+
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -391,3 +391,11 @@ def test_parity_check_on_a_checkpoint_directory(hf_dir):
     report = check_llava(str(hf_dir), prompt_tokens=64)
     assert report.num_tokens == int(batch["attention_mask"].sum())
     assert report.ok(logit_tol=LOGIT_TOL, kl_tol=1e-6), str(report)
+
+
+def test_parity_cli_dispatches_llava_checkpoints(hf_dir, capsys):
+    """`python -m balcap_jax.tools.parity --hf-dir` recognises a LLaVA checkpoint by its config.json."""
+    from balcap_jax.tools import parity
+
+    assert parity.main(["--hf-dir", str(hf_dir), "--prompt-tokens", "64"]) == 0
+    assert "PASS" in capsys.readouterr().out
