@@ -80,6 +80,25 @@ def test_our_advantages_are_c_gdpo_with_trl_statistics(bench):
     np.testing.assert_allclose(bench.our_advantages(rewards), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_trl_last_batch_reads_the_newest_rows_of_trl_logs(bench):
+    from collections import deque
+    from types import SimpleNamespace
+
+    names = [name for name, _ in bench.REWARD_FUNCTIONS]
+    logs = {"rewards": {n: deque([9.0, 9.0] + [k + 0.1 * r for r in range(4)]) for k, n in enumerate(names)},
+            "advantages": deque([9.0, 9.0, 1.0, -1.0, 0.5, -0.5])}  # fmt: skip
+    rewards, advantages = bench.trl_last_batch(SimpleNamespace(_logs=logs), rows=4)
+    np.testing.assert_allclose(rewards, [[k + 0.1 * r for k in range(3)] for r in range(4)])
+    np.testing.assert_allclose(advantages, [1.0, -1.0, 0.5, -0.5])
+
+
+def test_peak_rss_sees_an_allocation(bench):
+    with bench.PeakRSS() as peak:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        del block
+    assert peak.growth_mib >= 48
+
+
 @pytest.mark.parametrize("index", [0, 3])  # a 224x224 and a 112x224 photograph
 def test_hf_processor_gives_our_prompt_token_for_token(bench, tokenizer, image_config, index):
     processor = bench.build_hf_processor(tokenizer, image_config)

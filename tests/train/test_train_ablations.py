@@ -1,0 +1,249 @@
+"""experiments/ablations.py: variants and their configs, the verbose warm start's data, tables, findings and plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from balcap_jax.default_config import get_config
+from balcap_jax.trainer.shaping import ShapingConfig
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "ablations.py"
+
+
+@pytest.fixture(scope="module")
+def abl():
+    spec = importlib.util.spec_from_file_location("ablations_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Variants and configs
+
+
+def test_every_variant_builds_a_valid_shaping_config(abl):
+    grid = abl.Grid((0, 1, 2), sft_steps=10, rl_steps=4)
+    for study in abl.STUDIES:
+        for variant in abl.study_variants(study):
+            config = abl.run_config(get_config(), grid, 7, variant.overrides, rl_steps=4, records_dir="/r")
+            shaping = ShapingConfig.from_config(config)  # raises on an inconsistent variant
+            assert shaping.components == variant.components
+            assert (config.seed, config.train.sft_steps, config.train.rl_steps) == (7, 10, 4)
+            assert config.data.records_dir == "/r" and not config.checkpoint.export_hf
+
+
+def test_studies_compare_what_they_say(abl):
+    advantage = {v.key: dict(v.overrides) for v in abl.study_variants("advantage")}
+    assert advantage["gdpo_mask"]["advantage.kind"] == "gdpo" and advantage["grpo_mask"]["advantage.kind"] == "grpo"
+    assert advantage["gdpo_mask"]["length.kind"] == advantage["grpo_mask"]["length.kind"] == "mask"
+
+    length = abl.study_variants("length")
+    kinds = {(v.start, dict(v.overrides)["length.kind"]) for v in length}
+    assert kinds == {(s, k) for s in abl.STARTS for k in ("mask", "linear", "none")}
+    assert len({v.key for v in length}) == 6  # verbose-start runs never share a directory with reference-start runs
+
+    components = abl.study_variants("components")
+    assert [v.components for v in components] == [
+        ("precision", "recall", "linguistic"), ("precision", "recall"), ("precision", "linguistic"),
+        ("recall", "linguistic"), ("precision",), ("recall",), ("linguistic",),
+    ]
+    for v in components[1:]:
+        overrides = dict(v.overrides)
+        assert len(overrides["rewards.weights"]) == len(v.components)
+        assert overrides["length.kind"] == ("mask" if "linguistic" in v.components else "none")
+    # The default recipe is one run shared by all three studies.
+    assert components[0] is abl.BASELINE is abl.study_variants("advantage")[0] is length[0]
+
+
+def test_apply_overrides_copies_and_names_unknown_fields(abl):
+    base = get_config()
+    changed = abl.apply_overrides(base, {"advantage.kind": "grpo", "rewards.components": ("recall",)})
+    assert changed.advantage.kind == "grpo" and tuple(changed.rewards.components) == ("recall",)
+    assert base.advantage.kind == "gdpo"  # the base is untouched
+    with pytest.raises(KeyError, match="advantage.kindd"):
+        abl.apply_overrides(base, {"advantage.kindd": "grpo"})
+    with pytest.raises(KeyError, match="nosuch"):
+        abl.apply_overrides(base, {"nosuch.kind": 1})
+    with pytest.raises(ValueError, match="at least one"):
+        abl.component_variant(())
+    with pytest.raises(ValueError, match="Grid"):
+        abl.Grid((), 1, 1)
+
+
+def test_parse_args_validates(abl):
+    args = abl.parse_args(["run", "--studies=length,advantage", "--seeds=3,4,5", "--rl_steps=50"])
+    assert args.studies == ("length", "advantage") and args.seeds == (3, 4, 5)
+    assert abl.regenerate_command(args) == (
+        "python experiments/ablations.py run --studies=length,advantage --seeds=3,4,5 --sft_steps=1500 --rl_steps=50")
+    for bad in (["run", "--studies=lenght"], ["report", "--seeds=a,b"]):
+        with pytest.raises(SystemExit):
+            abl.parse_args(bad)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The verbose warm start
+
+
+REFS = [
+    "There is exactly one shape in the image. There is a large yellow circle in the bottom middle.",
+    "The picture contains a single shape. In the bottom middle, there is a large yellow circle.",
+    "Only one object appears in the image. A large yellow circle sits in the bottom middle.",
+]
+
+
+def test_verbose_reference_restates_without_the_count_sentence(abl):
+    verbose = abl.verbose_reference(REFS)
+    assert verbose == REFS[0] + " In the bottom middle, there is a large yellow circle."
+    assert 1.5 < len(verbose.split()) / len(REFS[0].split()) < 2.0
+    with pytest.raises(ValueError, match=">= 2 references"):
+        abl.verbose_reference(REFS[:1])
+    with pytest.raises(ValueError, match="no sentence after"):
+        abl.verbose_reference([REFS[0], "One shape."])
+
+
+def test_rewrite_manifest_replaces_only_references(abl, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": "a", "references": REFS, "metadata": {"k": 1}}) + "\n\n")
+    count = abl.rewrite_manifest(str(source), str(tmp_path / "out" / "x.jsonl"), lambda r: [*r, "extra"])
+    out = [json.loads(line) for line in (tmp_path / "out" / "x.jsonl").read_text().splitlines()]
+    assert count == 1 and out == [{"id": "a", "references": [*REFS, "extra"], "metadata": {"k": 1}}]
+
+
+def test_prepare_records_verbose_sft_and_rl_share_a_corpus(abl, tmp_path):
+    from balcap_jax.trainer.loop import corpus_texts, prepare_data
+
+    config = abl.apply_overrides(get_config(), {"seed": 3, "data.shapes_world.num_train": 4,
+                                                "data.shapes_world.num_eval": 2})
+    dirs = abl.prepare_records(config, tmp_path)
+    splits = {}
+    for key, directory in dirs.items():
+        train, validation = prepare_data(abl.apply_overrides(config, {"data.records_dir": directory}), tmp_path)
+        splits[key] = (train, validation)
+    first = lambda source: [source[i]["references"][0].decode() for i in range(len(source))]  # noqa: E731
+    normal, sft, rl = (first(splits[k][0]) for k in ("reference", "verbose_sft", "verbose_rl"))
+    assert rl == normal  # RL rewards and the length ratio read the ordinary reference
+    assert all(s.startswith(n) and len(s.split()) > 1.5 * len(n.split()) for s, n in zip(sft, normal))
+    assert sorted(corpus_texts(splits["verbose_sft"][0])) == sorted(corpus_texts(splits["verbose_rl"][0]))
+    for key in ("verbose_sft", "verbose_rl"):  # the held-out split is the world's own
+        assert first(splits[key][1]) == first(splits["reference"][1])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Statistics and findings
+
+
+def test_mean_std_and_paired_difference(abl):
+    assert abl.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert abl.mean_std([0.5, float("nan")]) == (0.5, 0.0)
+    assert all(math.isnan(x) for x in abl.mean_std([]))
+    assert abl.fmt_mean_std([0.25, 0.75]) == "0.500 ± 0.354"
+    assert abl.fmt_mean_std([]) == "—"
+    mean, std, n = abl.paired_difference({0: 0.5, 1: 0.7, 2: 0.9}, {0: 0.4, 1: 0.5, 2: 0.9, 3: 9.0})
+    assert (mean, std, n) == (pytest.approx(0.1), pytest.approx(0.1), 3)
+
+
+def test_verdict_calls_small_gaps_ties(abl):
+    assert "GDPO higher" in abl.verdict("GDPO", "GRPO", (0.05, 0.01, 3), "total")
+    assert "GRPO higher" in abl.verdict("GDPO", "GRPO", (-0.05, 0.01, 3), "total")
+    assert "no clear difference" in abl.verdict("GDPO", "GRPO", (0.01, 0.02, 3), "total")
+    assert "1 seed" in abl.verdict("GDPO", "GRPO", (0.01, 0.0, 1), "total")
+    assert "no seed" in abl.verdict("GDPO", "GRPO", (math.nan, math.nan, 0), "total")
+
+
+def test_smooth_skips_nans(abl):
+    np.testing.assert_allclose(abl.smooth([1.0, np.nan, 3.0, 5.0], 2), [1.0, 1.0, 3.0, 4.0])
+    assert np.isnan(abl.smooth([np.nan, 1.0], 1)[0])
+
+
+def test_read_metrics_keeps_rl_rows_last_write_wins(abl, tmp_path):
+    rows = [{"step": 1, "sft/nll": 2.0}, {"step": 3, "reward/total_mean": 0.1},
+            {"step": 2, "reward/total_mean": 0.0}, {"step": 3, "reward/total_mean": 0.3, "length/ratio_mean": 1.1}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = abl.read_metrics(tmp_path, after_step=1)
+    assert [r["step"] for r in got] == [2, 3] and got[1]["reward/total_mean"] == 0.3
+    curves = abl.curves_from_metrics(got, sft_steps=1)
+    assert curves["rl_step"] == [1, 2] and curves["length/ratio_mean"][1] == 1.1
+    assert math.isnan(curves["reward/precision_mean"][0])
+
+
+def test_eval_length_ratio_reads_eval_captions_only(abl, tmp_path):
+    rows = [{"step": 9, "caption": "a b c d", "reference": "a b"},
+            {"step": 9, "caption": "a b", "reference": "a b"},
+            {"step": 9, "caption": "training sample", "reference": "x", "rewards": {"precision": 1.0}},
+            {"step": 5, "caption": "a", "reference": "a b c d"}]
+    (tmp_path / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert abl.eval_length_ratio(tmp_path, 9) == pytest.approx(1.5)
+    assert math.isnan(abl.eval_length_ratio(tmp_path, 7))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reports from finished runs
+
+
+def _fake_result(abl, root: Path, variant, seed: int, grid, total: float) -> None:
+    steps = list(range(1, grid.rl_steps + 1))
+    scores = {"precision": total, "recall": total / 2, "linguistic": 1.0, "total": total}
+    result = {
+        "variant": variant.key, "label": variant.label, "start": variant.start, "seed": seed,
+        "sft_steps": grid.sft_steps, "rl_steps": grid.rl_steps, "overrides": dict(variant.overrides),
+        "rl_seconds": 10.0, "warm_start": {k: 0.1 for k in scores}, "warm_start_length_ratio": 1.0,
+        "eval_end": scores, "eval_length_ratio": 1.0 + seed / 10,
+        "curves": {"rl_step": steps, **{m: [total * s / len(steps) for s in steps] for m, _ in abl.CURVE_METRICS}},
+    }
+    run_dir = root / f"rl_{variant.key}_s{seed}_n{grid.sft_steps}_{grid.rl_steps}"
+    run_dir.mkdir(parents=True)
+    (run_dir / abl.RESULT_FILE).write_text(json.dumps(result))
+
+
+def test_write_reports_tables_findings_and_plots(abl, tmp_path):
+    grid = abl.Grid((0, 1, 2), sft_steps=20, rl_steps=6)
+    gaps = {"gdpo_mask": 0.6, "grpo_mask": 0.4}
+    for seed in grid.seeds:
+        for key, base in gaps.items():
+            variant = next(v for v in abl.study_variants("advantage") if v.key == key)
+            _fake_result(abl, tmp_path, variant, seed, grid, base + 0.01 * seed)
+    # A run of another grid and a seed outside the grid are ignored.
+    _fake_result(abl, tmp_path, abl.BASELINE, 0, abl.Grid((0,), 20, 7), 0.0)
+    _fake_result(abl, tmp_path, abl.BASELINE, 5, grid, 0.0)
+
+    out = tmp_path / "results"
+    written = abl.write_reports(tmp_path, grid, ["advantage", "components"], out, "CMD")
+    assert sorted(p.name for p in written) == sorted(
+        f"ablation_{s}.{e}" for s in ("advantage", "components") for e in ("md", "json", "png"))
+    for path in written:
+        assert path.stat().st_size > 0
+    assert (out / "ablation_advantage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    md = (out / "ablation_advantage.md").read_text()
+    assert "20 SFT + 6 RL steps, seeds [0, 1, 2]" in md and "REDUCED GRID" in md and "    CMD" in md
+    assert "| c-GDPO + mask (default) | 3 | 0.610 ± 0.010 | 0.610 ± 0.010 | 0.305 ± 0.005 |" in md
+    assert "| GRPO + mask | 3 | 0.410 ± 0.010 |" in md
+    assert "| warm start (reference), before RL | 3 | 0.100 ± 0.000 |" in md
+    assert "c-GDPO − GRPO (total): +0.200 ± 0.000 over 3 seeds (paired): c-GDPO higher." in md
+    assert "(linguistic): +0.000 ± 0.000 over 3 seeds (paired): no clear difference." in md
+
+    data = json.loads((out / "ablation_advantage.json").read_text())
+    assert data["reduced_grid"] and data["grid"]["seeds"] == [0, 1, 2]
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["grpo_mask"]["total_mean_std"] == pytest.approx([0.41, 0.01])
+    assert rows["gdpo_mask"]["length_ratio"] == pytest.approx([1.0, 1.1, 1.2])
+
+    components_md = (out / "ablation_components.md").read_text()
+    assert "| precision + recall (no mask) | 0 | — |" in components_md  # not run yet: shown, not invented
+    assert "all three vs precision + recall (no mask) (total): no seed with both runs finished." in components_md
+
+
+def test_full_grid_is_not_labelled_reduced(abl):
+    assert abl.Grid((0, 1, 2), 1500, 300).is_full()
+    assert not abl.Grid((0, 1), 1500, 300).is_full()
+    assert not abl.Grid((0, 1, 2), 800, 60).is_full()
