@@ -395,14 +395,26 @@ def study_rows(study: str, results: Mapping[tuple[str, int], Mapping[str, Any]],
             for column, _ in TABLE_COLUMNS:
                 warm[column] = [r["warm_start"].get(column, math.nan) for r in runs]
             warm["length_ratio"] = [r["warm_start_length_ratio"] for r in runs]
+            warm["train_length_ratio"] = [curve_window_mean(r, "length/ratio_mean", first=True) for r in runs]
             rows.append(warm)
         row = {"label": variant.label, "start": variant.start, "n": len(runs), "variant": variant.key}
         for column, _ in TABLE_COLUMNS:
             row[column] = [r["eval_end"].get(column, math.nan) for r in runs]
         row["length_ratio"] = [r["eval_length_ratio"] for r in runs]
+        row["train_length_ratio"] = [curve_window_mean(r, "length/ratio_mean") for r in runs]
         row["rl_seconds"] = [r["rl_seconds"] for r in runs]
         rows.append(row)
     return rows
+
+
+CURVE_WINDOW = 10  # training steps averaged for the "train length ratio" column
+
+
+def curve_window_mean(result: Mapping[str, Any], metric: str, *, first: bool = False) -> float:
+    """Mean of a run's curve over its last (or first) CURVE_WINDOW RL steps; NaN when it logged none."""
+    values = result["curves"].get(metric, [])
+    window = values[:CURVE_WINDOW] if first else values[-CURVE_WINDOW:]
+    return mean_std(window)[0]
 
 
 def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[float, float, int]:
@@ -426,9 +438,12 @@ def verdict(name_a: str, name_b: str, diff: tuple[float, float, int], metric: st
     return f"- {name_a} − {name_b} ({metric}): {mean:+.3f} ± {std:.3f} over {n} seeds (paired): {word}."
 
 
-def _per_seed(results, key: str, column: str, seeds: Sequence[int], field: str = "eval_end") -> dict[int, float]:
-    return {s: results[(key, s)][field].get(column, math.nan) if field != "eval_length_ratio"
-            else results[(key, s)][field] for s in seeds if (key, s) in results}
+def _per_seed(results, key: str, column: str, seeds: Sequence[int]) -> dict[int, float]:
+    return {s: results[(key, s)]["eval_end"].get(column, math.nan) for s in seeds if (key, s) in results}
+
+
+def _per_seed_length(results, key: str, seeds: Sequence[int]) -> dict[int, float]:
+    return {s: curve_window_mean(results[(key, s)], "length/ratio_mean") for s in seeds if (key, s) in results}
 
 
 STUDY_TITLES = {
@@ -454,8 +469,8 @@ def study_findings(study: str, results, seeds: Sequence[int]) -> list[str]:
                         _per_seed(results, "gdpo_mask" + suffix, column, seeds),
                         _per_seed(results, other + suffix, column, seeds)), column))
                 lines.append(verdict(f"mask [{start} start]", f"{name} [{start} start]", paired_difference(
-                    _per_seed(results, "gdpo_mask" + suffix, "", seeds, "eval_length_ratio"),
-                    _per_seed(results, other + suffix, "", seeds, "eval_length_ratio")), "length ratio"))
+                    _per_seed_length(results, "gdpo_mask" + suffix, seeds),
+                    _per_seed_length(results, other + suffix, seeds)), "train length ratio"))
     elif study == "components":
         for variant in study_variants(study)[1:]:
             lines.append(verdict("all three", variant.label, paired_difference(
@@ -477,12 +492,18 @@ def study_markdown(study: str, results, grid: Grid, command: str) -> str:
         "mean ± std over seeds (n = seeds finished). `length ratio`: words of the caption / words of the reference "
         "on the first 8 held-out captions. All other settings are the embedded default recipe.",
         "",
-        "| variant | n | " + " | ".join(h for _, h in TABLE_COLUMNS) + " | length ratio | RL wall s |",
-        "|---|---:|" + "---:|" * (len(TABLE_COLUMNS) + 2),
+        f"`train length ratio`: tokens of the caption / tokens of the reference, mean over the training rollouts of "
+        f"the last {CURVE_WINDOW} RL steps (for the warm-start rows: of the first {CURVE_WINDOW} RL steps of the "
+        "same runs, i.e. near the warm start).",
+        "",
+        "| variant | n | " + " | ".join(h for _, h in TABLE_COLUMNS)
+        + " | length ratio (held-out) | train length ratio | RL wall s |",
+        "|---|---:|" + "---:|" * (len(TABLE_COLUMNS) + 3),
     ]
     for row in rows:
         cells = [fmt_mean_std(row[c]) for c, _ in TABLE_COLUMNS]
         cells.append(fmt_mean_std(row["length_ratio"], 2))
+        cells.append(fmt_mean_std(row["train_length_ratio"], 2))
         cells.append(fmt_mean_std(row["rl_seconds"], 0) if "rl_seconds" in row else "")
         lines.append(f"| {row['label']} | {row['n']} | " + " | ".join(cells) + " |")
     lines += ["", "## What the numbers show (paired over seeds, computed by the script)", ""]
@@ -520,7 +541,8 @@ def plot_study(study: str, results, grid: Grid, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = study_variants(study)
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.6), squeeze=False)
+    fig, grid_axes = plt.subplots(2, 3, figsize=(13.5, 7.0))
+    axes, legend_ax = [list(grid_axes.flat[: len(CURVE_METRICS)])], grid_axes.flat[-1]
     window = max(1, grid.rl_steps // 15)
     for variant in variants:
         runs = [results[(variant.key, s)] for s in grid.seeds if (variant.key, s) in results]
@@ -531,7 +553,7 @@ def plot_study(study: str, results, grid: Grid, path: Path) -> None:
             continue
         steps = np.asarray(runs[0]["curves"]["rl_step"][:length])
         style = "--" if variant.start == "verbose" else "-"
-        label = variant.label + (" [verbose start]" if variant.start == "verbose" else "")
+        label = variant.label
         for ax, (metric, title) in zip(axes[0], CURVE_METRICS):
             curves = np.stack([smooth(r["curves"][metric][:length], window) for r in runs])
             if not np.isfinite(curves).any():
@@ -544,11 +566,12 @@ def plot_study(study: str, results, grid: Grid, path: Path) -> None:
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("RL step")
     handles, labels = axes[0][0].get_legend_handles_labels()
+    legend_ax.axis("off")
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=8)
+        legend_ax.legend(handles, labels, loc="center", fontsize=9, frameon=False)
     fig.suptitle(f"{STUDY_TITLES[study]} — {grid.sft_steps} SFT + {grid.rl_steps} RL steps, seeds "
-                 f"{list(grid.seeds)} (moving average over {window} steps)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+                 f"{list(grid.seeds)} (mean ± std over seeds; moving average over {window} steps)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,40 +16,50 @@ import string
 _FILE_NAME = re.compile(r"^(?P<name>[a-z_]+)\.v(?P<version>\d+)\.txt$")
 
 
-def _prompt_dir():
-    return importlib.resources.files("balcap_jax.rewards").joinpath("prompts")
+class PromptLibrary:
+    """The versioned prompt files `<package>/prompts/<name>.v<version>.txt` of one package (rewards, evaluation)."""
+
+    def __init__(self, package: str):
+        self.package = package
+
+    def _dir(self):
+        return importlib.resources.files(self.package).joinpath("prompts")
+
+    def available(self) -> dict[str, tuple[int, ...]]:
+        """{prompt name: sorted versions} for every prompt file shipped with the package."""
+        found: dict[str, list[int]] = {}
+        for entry in self._dir().iterdir():
+            match = _FILE_NAME.match(entry.name)
+            if match:
+                found.setdefault(match["name"], []).append(int(match["version"]))
+        return {name: tuple(sorted(versions)) for name, versions in sorted(found.items())}
+
+    @functools.cache
+    def load(self, name: str, version: int) -> string.Template:
+        """The template of prompt `name` at `version`; a clear error lists what exists when it does not."""
+        path = self._dir().joinpath(f"{name}.v{version}.txt")
+        if not path.is_file():
+            folder = self.package.replace(".", "/")
+            raise ValueError(
+                f"no prompt {name!r} version {version} in {self.package}; shipped prompts: {self.available()} "
+                f"(add {folder}/prompts/{name}.v{version}.txt for a new one)"
+            )
+        return string.Template(path.read_text(encoding="utf-8"))
+
+    def render(self, name: str, version: int, **fields: str) -> str:
+        """The prompt with every `$field` filled; missing or unknown fields raise ValueError naming them."""
+        template = self.load(name, version)
+        expected = set(template.get_identifiers())
+        missing, unknown = expected - fields.keys(), fields.keys() - expected
+        if missing or unknown:
+            raise ValueError(
+                f"prompt {name}.v{version} takes fields {sorted(expected)}; missing {sorted(missing)}, "
+                f"unknown {sorted(unknown)}"
+            )
+        return template.substitute(fields)
 
 
-def available_prompts() -> dict[str, tuple[int, ...]]:
-    """{prompt name: sorted versions} for every prompt file shipped with the package."""
-    found: dict[str, list[int]] = {}
-    for entry in _prompt_dir().iterdir():
-        match = _FILE_NAME.match(entry.name)
-        if match:
-            found.setdefault(match["name"], []).append(int(match["version"]))
-    return {name: tuple(sorted(versions)) for name, versions in sorted(found.items())}
-
-
-@functools.cache
-def load_prompt(name: str, version: int) -> string.Template:
-    """The template of prompt `name` at `version`; a clear error lists what exists when it does not."""
-    path = _prompt_dir().joinpath(f"{name}.v{version}.txt")
-    if not path.is_file():
-        raise ValueError(
-            f"no prompt {name!r} version {version}; shipped prompts: {available_prompts()} "
-            f"(add balcap_jax/rewards/prompts/{name}.v{version}.txt for a new one)"
-        )
-    return string.Template(path.read_text(encoding="utf-8"))
-
-
-def render_prompt(name: str, version: int, **fields: str) -> str:
-    """The prompt with every `$field` filled; missing or unknown fields raise ValueError naming them."""
-    template = load_prompt(name, version)
-    expected = set(template.get_identifiers())
-    missing, unknown = expected - fields.keys(), fields.keys() - expected
-    if missing or unknown:
-        raise ValueError(
-            f"prompt {name}.v{version} takes fields {sorted(expected)}; missing {sorted(missing)}, "
-            f"unknown {sorted(unknown)}"
-        )
-    return template.substitute(fields)
+_REWARD_PROMPTS = PromptLibrary("balcap_jax.rewards")
+available_prompts = _REWARD_PROMPTS.available
+load_prompt = _REWARD_PROMPTS.load
+render_prompt = _REWARD_PROMPTS.render

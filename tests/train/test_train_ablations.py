@@ -247,3 +247,12 @@ def test_full_grid_is_not_labelled_reduced(abl):
     assert abl.Grid((0, 1, 2), 1500, 300).is_full()
     assert not abl.Grid((0, 1), 1500, 300).is_full()
     assert not abl.Grid((0, 1, 2), 800, 60).is_full()
+
+
+def test_curve_window_mean_reads_the_tail_or_the_head(abl):
+    values = list(range(1, 21))  # 20 RL steps
+    result = {"curves": {"length/ratio_mean": [float(v) for v in values]}}
+    assert abl.curve_window_mean(result, "length/ratio_mean") == pytest.approx(np.mean(values[-abl.CURVE_WINDOW:]))
+    assert abl.curve_window_mean(result, "length/ratio_mean", first=True) == pytest.approx(
+        np.mean(values[: abl.CURVE_WINDOW]))
+    assert math.isnan(abl.curve_window_mean({"curves": {}}, "length/ratio_mean"))
