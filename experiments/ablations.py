@@ -509,7 +509,13 @@ def study_markdown(study: str, results, grid: Grid, command: str) -> str:
     lines += ["", "## What the numbers show (paired over seeds, computed by the script)", ""]
     lines += study_findings(study, results, seeds)
     lines += ["", f"Reward curves (training batches, mean ± std over seeds): `ablation_{study}.png`.", "",
-              "Regenerate:", "", f"    {command}", ""]
+              "Regenerate (the workdir keeps finished runs, so a repeated command only rebuilds the tables):", "",
+              f"    {command}", ""]
+    if not grid.is_full():
+        lines += ["Full grid (the default recipe's step budget, 3 seeds; ~12 RL variants x 3 seeds on 2 CPU cores "
+                  "take several hours):", "",
+                  "    python experiments/ablations.py run --studies=advantage,length,components --seeds=0,1,2 "
+                  "--sft_steps=1500 --rl_steps=300", ""]
     return "\n".join(lines)
 
 

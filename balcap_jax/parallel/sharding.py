@@ -260,3 +260,42 @@ __all__ = [
     "specs_from_logical",
     "specs_from_rules",
 ]
+
+
+class RuleShardingMixin:
+    """Placement methods shared by the models' sharding dataclasses. A subclass provides `sharding_rules()`
+    ((regex over dotted parameter names, PartitionSpec), first full match wins), and the fields `batch` (spec of
+    a batch input's leading dims) and `kv_cache` (spec of KVCache.k / .v)."""
+
+    def sharding_rules(self) -> Sequence[tuple[str, P]]:
+        raise NotImplementedError
+
+    def param_specs(self, params: Any) -> Any:
+        """A PartitionSpec pytree for a Param state (real or abstract); unknown parameters raise."""
+        return specs_from_rules(params, self.sharding_rules())
+
+    def param_spec(self, name: str, leaf: Any) -> P:
+        """The spec of one parameter by dotted name (the callable form `hf_io`/`abstract_with_shardings` take)."""
+        for pattern, spec in self.sharding_rules():
+            if re.fullmatch(pattern, name):
+                return spec
+        raise ValueError(f"no sharding rule matches parameter {name!r} (shape {getattr(leaf, 'shape', '?')})")
+
+    def abstract_params(self, params: Any, mesh: Mesh, *, on_indivisible: str = "replicate") -> Any:
+        """Abstract params with NamedShardings attached: the target for loading, initialising or restoring."""
+        return abstract_with_shardings(params, self.param_specs(params), mesh, on_indivisible=on_indivisible)
+
+    def shard_params(self, params: Any, mesh: Mesh) -> Any:
+        """Move a concrete Param state onto this layout."""
+        target = self.abstract_params(params, mesh)
+        return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
+
+    def batch_sharding(self, mesh: Mesh, shape: tuple[int, ...], *, batch_dim: int = 0) -> NamedSharding:
+        """`batch_dim` over the batch axes (e.g. positions [3, B, T]: batch_dim=1); replicated where it does not
+        divide (e.g. an odd image count)."""
+        spec = [None] * len(shape)
+        spec[batch_dim] = tuple(self.batch)[0]
+        return NamedSharding(mesh, fit_spec("batch input", shape, P(*spec), mesh, on_indivisible="replicate"))
+
+    def cache_sharding(self, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(mesh, fit_spec("kv_cache", shape, self.kv_cache, mesh, on_indivisible="replicate"))

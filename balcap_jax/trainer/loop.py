@@ -8,9 +8,7 @@ needs to continue exactly (params, optimizer state, rng key, data-iterator state
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping

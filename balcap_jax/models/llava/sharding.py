@@ -10,15 +10,14 @@ Norms, biases of row-split layers and the CLS embedding are small and replicated
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from balcap_jax.parallel.mesh import BATCH_AXES, FSDP, TENSOR
-from balcap_jax.parallel.sharding import abstract_with_shardings, fit_spec, specs_from_rules
+from balcap_jax.parallel.sharding import RuleShardingMixin
 
 _INT = r"\d+"
 
@@ -60,7 +59,7 @@ def _rules(fsdp: str | None, tensor: str | None) -> tuple[tuple[str, P], ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaSharding:
+class LlavaSharding(RuleShardingMixin):
     """Parameter rules (regex over dotted names -> PartitionSpec, first full match wins, unmatched = error) and
     the specs of activations. Same methods as `qwen2_5_vl.sharding.QwenSharding`, so callers treat both alike."""
 
@@ -84,35 +83,8 @@ class LlavaSharding:
             raise ValueError(f"sharding layout {name!r}: use 'training' or 'sampling'")
         return cls.training() if name == "training" else cls.sampling()
 
-    def param_specs(self, params: Any) -> Any:
-        """A PartitionSpec for every leaf of `params` (concrete or abstract), same structure; unknown names raise."""
-        return specs_from_rules(params, self.rules)
-
-    def param_spec(self, name: str, leaf: Any) -> P:
-        """The spec of one parameter by dotted name (the callable form `abstract_with_shardings` takes)."""
-        for pattern, spec in self.rules:
-            if re.fullmatch(pattern, name):
-                return spec
-        raise ValueError(f"no sharding rule matches parameter {name!r} (shape {getattr(leaf, 'shape', '?')})")
-
-    def abstract_params(
-        self, params: Any, mesh: Mesh, *, on_indivisible: Literal["raise", "replicate"] = "replicate"
-    ) -> Any:
-        """Abstract params with NamedShardings attached: the target for loading, initialising or restoring."""
-        return abstract_with_shardings(params, self.param_specs(params), mesh, on_indivisible=on_indivisible)
-
-    def shard_params(self, params: Any, mesh: Mesh) -> Any:
-        """Move a concrete Param state onto this layout."""
-        target = self.abstract_params(params, mesh)
-        return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
-
-    def batch_sharding(self, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-        """Leading dim over the batch axes (replicated where it does not divide, e.g. an odd image count)."""
-        spec = P(tuple(self.batch)[0], *([None] * (len(shape) - 1)))
-        return NamedSharding(mesh, fit_spec("batch input", shape, spec, mesh, on_indivisible="replicate"))
-
-    def cache_sharding(self, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-        return NamedSharding(mesh, fit_spec("kv_cache", shape, self.kv_cache, mesh, on_indivisible="replicate"))
+    def sharding_rules(self) -> tuple[tuple[str, P], ...]:
+        return self.rules
 
     def shard_inputs(self, inputs: dict, mesh: Mesh) -> dict:
         """Place a host batch (`processor.make_batch`): every array, pixel_values included, split on its

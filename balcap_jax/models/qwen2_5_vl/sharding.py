@@ -16,21 +16,20 @@ instead, with a warning (`parallel.sharding.fit_spec(on_indivisible="replicate")
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from balcap_jax.parallel.mesh import BATCH_AXES, FSDP, TENSOR
-from balcap_jax.parallel.sharding import abstract_with_shardings, fit_spec, specs_from_rules
+from balcap_jax.parallel.sharding import RuleShardingMixin
 
 _LAYER = r"model\.language_model\.layers\.\d+\."
 _BLOCK = r"model\.visual\.blocks\.\d+\."
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenSharding:
+class QwenSharding(RuleShardingMixin):
     """PartitionSpecs per parameter kind (shapes in our [in, out] kernel layout) and for activations."""
 
     # decoder
@@ -111,40 +110,8 @@ class QwenSharding:
             (r".*\.bias", self.replicated),
         ]
 
-    def param_specs(self, params: Any) -> Any:
-        """A PartitionSpec pytree for a Param state (real or abstract); unknown parameters raise."""
-        return specs_from_rules(params, self.rules())
-
-    def param_spec(self, name: str, leaf: Any) -> P:
-        """The spec of one parameter by dotted name (the callable form `hf_io`/`abstract_with_shardings` take)."""
-        return _match(self.rules(), name, leaf)
-
-    def abstract_params(
-        self, params: Any, mesh: Mesh, *, on_indivisible: Literal["raise", "replicate"] = "replicate"
-    ) -> Any:
-        """Abstract params with NamedShardings attached: the target for loading/initialising/restoring."""
-        return abstract_with_shardings(params, self.param_specs(params), mesh, on_indivisible=on_indivisible)
-
-    def shard_params(self, params: Any, mesh: Mesh) -> Any:
-        """Move a concrete Param state onto this layout."""
-        target = self.abstract_params(params, mesh)
-        return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
-
-    def batch_sharding(self, mesh: Mesh, shape: tuple[int, ...], *, batch_dim: int = 0) -> NamedSharding:
-        """Sharding of an input array whose `batch_dim` is the batch (e.g. positions [3, B, T]: batch_dim=1)."""
-        spec = [None] * len(shape)
-        spec[batch_dim] = tuple(self.batch)[0]
-        return NamedSharding(mesh, fit_spec("batch input", shape, P(*spec), mesh, on_indivisible="replicate"))
-
-    def cache_sharding(self, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-        return NamedSharding(mesh, fit_spec("kv_cache", shape, self.kv_cache, mesh, on_indivisible="replicate"))
-
-
-def _match(rules: list[tuple[str, P]], name: str, leaf: Any) -> P:
-    for pattern, spec in rules:
-        if re.fullmatch(pattern, name):
-            return spec
-    raise ValueError(f"no sharding rule matches parameter {name!r} (shape {getattr(leaf, 'shape', '?')})")
+    def sharding_rules(self) -> list[tuple[str, P]]:
+        return self.rules()
 
 
 def shard_inputs(inputs: dict, mesh: Mesh, sharding: QwenSharding) -> dict:
