@@ -396,21 +396,29 @@ def study_rows(study: str, results: Mapping[tuple[str, int], Mapping[str, Any]],
                 warm[column] = [r["warm_start"].get(column, math.nan) for r in runs]
             warm["length_ratio"] = [r["warm_start_length_ratio"] for r in runs]
             warm["train_length_ratio"] = [curve_window_mean(r, "length/ratio_mean", first=True) for r in runs]
+            warm["collapsed"] = [collapsed(r["warm_start"]) for r in runs]
             rows.append(warm)
         row = {"label": variant.label, "start": variant.start, "n": len(runs), "variant": variant.key}
         for column, _ in TABLE_COLUMNS:
             row[column] = [r["eval_end"].get(column, math.nan) for r in runs]
         row["length_ratio"] = [r["eval_length_ratio"] for r in runs]
         row["train_length_ratio"] = [curve_window_mean(r, "length/ratio_mean") for r in runs]
+        row["collapsed"] = [collapsed(r["eval_end"]) for r in runs]
         row["rl_seconds"] = [r["rl_seconds"] for r in runs]
         rows.append(row)
     return rows
 
 
 CURVE_WINDOW = 10  # training steps averaged for the "train length ratio" column
-# A run whose train length ratio ends below this (the default mask band's lower edge) has shortened its captions
-# out of the band; on ShapesWorld that is the collapse to the count sentence (precision 1, recall 1/4).
-SHORT_RATIO = 0.75
+# Held-out scores of the collapse to the count sentence on one-object ShapesWorld (precision 1, recall 1/4).
+COLLAPSE_MIN_PRECISION, COLLAPSE_MAX_RECALL = 0.95, 0.30
+
+
+def collapsed(scores: Mapping[str, float]) -> bool:
+    """Whether held-out greedy captions look like the count-sentence collapse (near-perfect precision, no recall
+    beyond the count fact)."""
+    return (scores.get("precision", math.nan) >= COLLAPSE_MIN_PRECISION
+            and scores.get("recall", math.nan) <= COLLAPSE_MAX_RECALL)
 
 
 def curve_window_mean(result: Mapping[str, Any], metric: str, *, first: bool = False) -> float:
@@ -499,18 +507,19 @@ def study_markdown(study: str, results, grid: Grid, command: str) -> str:
         f"the last {CURVE_WINDOW} RL steps (for the warm-start rows: of the first {CURVE_WINDOW} RL steps of the "
         "same runs, i.e. near the warm start).",
         "",
-        f"`short`: seeds whose train length ratio ended below {SHORT_RATIO} (captions cut out of the mask band).",
+        f"`collapsed`: seeds whose held-out captions score precision ≥ {COLLAPSE_MIN_PRECISION} and recall ≤ "
+        f"{COLLAPSE_MAX_RECALL} (the count-sentence collapse explained below). `RL wall s` includes the process's "
+        "first compile on the first variant and, for component subsets, the extra full-judge evaluation.",
         "",
         "| variant | n | " + " | ".join(h for _, h in TABLE_COLUMNS)
-        + " | length ratio (held-out) | train length ratio | short | RL wall s |",
+        + " | length ratio (held-out) | train length ratio | collapsed | RL wall s |",
         "|---|---:|" + "---:|" * (len(TABLE_COLUMNS) + 4),
     ]
     for row in rows:
         cells = [fmt_mean_std(row[c]) for c, _ in TABLE_COLUMNS]
         cells.append(fmt_mean_std(row["length_ratio"], 2))
         cells.append(fmt_mean_std(row["train_length_ratio"], 2))
-        short = [r for r in row["train_length_ratio"] if np.isfinite(r)]
-        cells.append(f"{sum(r < SHORT_RATIO for r in short)}/{len(short)}")
+        cells.append(f"{sum(row['collapsed'])}/{len(row['collapsed'])}")
         cells.append(fmt_mean_std(row["rl_seconds"], 0) if "rl_seconds" in row else "")
         lines.append(f"| {row['label']} | {row['n']} | " + " | ".join(cells) + " |")
     lines += ["", "## What the numbers show (paired over seeds, computed by the script)", ""]
@@ -519,7 +528,7 @@ def study_markdown(study: str, results, grid: Grid, command: str) -> str:
               "is exactly one shape in the image.\" scores precision 1, recall 1/4 and linguistic 1, a balanced "
               "0.75 that beats every honest caption the warm start writes; it earns linguistic credit unless the "
               "length mask removes it (ρ ≈ 0.5 is below the band [0.75, 1.25]; balanced 0.42). A variant whose "
-              "balanced score rises while precision goes to ~1, recall to ~0.25 and `short` counts seeds has "
+              "balanced score rises while precision goes to ~1, recall to ~0.25 and `collapsed` counts seeds has "
               "learned that collapse, not better captions. A tie here means the paired gap is within one std of "
               "its seed-to-seed spread."]
     lines += ["", f"Reward curves (training batches, mean ± std over seeds): `ablation_{study}.png`.", "",

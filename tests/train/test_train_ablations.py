@@ -228,6 +228,9 @@ def test_write_reports_tables_findings_and_plots(abl, tmp_path):
     assert "20 SFT + 6 RL steps, seeds [0, 1, 2]" in md and "REDUCED GRID" in md and "    CMD" in md
     assert "| c-GDPO + mask (default) | 3 | 0.610 ± 0.010 | 0.610 ± 0.010 | 0.305 ± 0.005 |" in md
     assert "| GRPO + mask | 3 | 0.410 ± 0.010 |" in md
+    # held-out length ratio, train length ratio (mean of the last steps: 0.40..0.42 x 3.5/6), collapsed, RL seconds
+    assert "| GRPO + mask | 3 | 0.410 ± 0.010 | 0.410 ± 0.010 | 0.205 ± 0.005 | 1.000 ± 0.000 | 1.10 ± 0.10 | " \
+           "0.24 ± 0.01 | 0/3 | 10 ± 0 |" in md
     assert "| warm start (reference), before RL | 3 | 0.100 ± 0.000 |" in md
     assert "c-GDPO − GRPO (total): +0.200 ± 0.000 over 3 seeds (paired): c-GDPO higher." in md
     assert "(linguistic): +0.000 ± 0.000 over 3 seeds (paired): no clear difference." in md
@@ -256,3 +259,10 @@ def test_curve_window_mean_reads_the_tail_or_the_head(abl):
     assert abl.curve_window_mean(result, "length/ratio_mean", first=True) == pytest.approx(
         np.mean(values[: abl.CURVE_WINDOW]))
     assert math.isnan(abl.curve_window_mean({"curves": {}}, "length/ratio_mean"))
+
+
+def test_collapsed_flags_the_count_sentence_scores(abl):
+    assert abl.collapsed({"precision": 1.0, "recall": 0.25, "linguistic": 1.0})
+    assert not abl.collapsed({"precision": 1.0, "recall": 0.5})
+    assert not abl.collapsed({"precision": 0.6, "recall": 0.25})
+    assert not abl.collapsed({"recall": 0.25})  # a run without a precision score is never called collapsed
