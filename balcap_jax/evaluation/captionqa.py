@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import hashlib
 import math
-import re
 import string
 from typing import Any, Sequence
 
@@ -36,26 +35,18 @@ from balcap_jax.evaluation import benchmark_files as files
 from balcap_jax.evaluation.judging import EvalJudges, Unscorable, ask_or_raise
 from balcap_jax.evaluation.prompt_files import render_prompt
 from balcap_jax.evaluation.results_store import item_key
-from balcap_jax.rewards.json_output import JudgeOutputError
+from balcap_jax.rewards.caprl_qa import ANSWER_SCHEMA, chosen_index, option_block
+from balcap_jax.rewards.caprl_qa import MultipleChoice as Question  # question, options, answer index
 from balcap_jax.rewards.judges.protocol import user_request
 from balcap_jax.rewards.structured_call import AskPolicy, CallLog
 
 NAME = "captionqa"
 CANNOT_ANSWER = "Cannot answer from the caption"
 CANNOT_ANSWER_BONUS = 0.05
-ANSWER_SCHEMA = {"answer": str}
-_LETTER = re.compile(r"^\W*([A-Za-z])\W*$")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The metric (pure)
-
-
-@dataclasses.dataclass(frozen=True)
-class Question:
-    question: str
-    options: tuple[str, ...]
-    answer: int  # index into options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,21 +109,6 @@ def aggregate_scores(per_item: Sequence[tuple[str, Sequence[float | None]]]) -> 
         "num_questions_scored": len(every),
         "num_questions_unscored": unscored,
     }
-
-
-def option_block(options: Sequence[str]) -> str:
-    return "\n".join(f"{string.ascii_uppercase[i]}. {text}" for i, text in enumerate(options))
-
-
-def chosen_index(answer: str, options: Sequence[str]) -> int:
-    """The option a judge's answer names: a letter ("B", "(b)", "B.") or an option's exact text."""
-    match = _LETTER.match(answer)
-    if match and string.ascii_uppercase.index(match.group(1).upper()) < len(options):
-        return string.ascii_uppercase.index(match.group(1).upper())
-    lowered = [o.strip().lower() for o in options]
-    if answer.strip().lower() in lowered:
-        return lowered.index(answer.strip().lower())
-    raise JudgeOutputError(f"answer {answer[:40]!r} names none of the {len(options)} options")
 
 
 # ---------------------------------------------------------------------------------------------------------------

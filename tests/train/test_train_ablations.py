@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +11,15 @@ import pytest
 
 from balcap_jax.default_config import get_config
 from balcap_jax.trainer.shaping import ShapingConfig
+from tests.train.script_module import script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "ablations.py"
 
 
 @pytest.fixture(scope="module")
 def abl():
-    spec = importlib.util.spec_from_file_location("ablations_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with script_module(SCRIPT, "ablations_script") as module:
+        yield module
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +11,15 @@ import pytest
 
 from balcap_jax.rewards.manager import RewardManager
 from balcap_jax.rewards.types import RewardItem
+from tests.train.script_module import script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench_rl_step.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_rl_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with script_module(SCRIPT, "bench_rl_step") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
