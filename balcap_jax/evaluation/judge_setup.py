@@ -2,7 +2,8 @@
 
   backend "openai"   : OpenAI-compatible servers (vLLM, SGLang, hosted APIs): `llm_url`/`llm_model` answer from
                        text, `vlm_url`/`vlm_model` see the image (without a VLM the text judge must be
-                       multimodal and is used for both); replies cached in `<cache_dir>/judge_cache.sqlite`.
+                       multimodal and is used for both); replies cached in `<cache_dir>/judge_cache.sqlite`
+                       (or `<workdir>/judge_cache/` when cache_dir is empty and a workdir is given).
   "scripted"         : `scripted_judge.EvalRuleResponder`, deterministic, no model (tests, dry runs).
 """
 
@@ -17,38 +18,20 @@ from balcap_jax.evaluation.scripted_judge import scripted_eval_judge
 BACKENDS = ("openai", "scripted")
 
 
-def _urls(value: str) -> tuple[str, ...]:
-    return tuple(u.strip() for u in str(value).split(",") if u.strip())
+def openai_judges(judge: Any, *, workdir: str | os.PathLike | None = None) -> EvalJudges:
+    from balcap_jax.rewards.judges.openai_pair import openai_judge_pair_from_config
 
-
-def openai_judges(judge: Any) -> EvalJudges:
-    from balcap_jax.rewards.judges.openai_compatible import OpenAICompatibleConfig, OpenAICompatibleJudge
-    from balcap_jax.rewards.judges.response_cache import ResponseCache
-
-    if not judge.llm_url or not judge.llm_model:
-        raise ValueError(
-            "config.rewards.judge.llm_url and llm_model must be set to evaluate with judge backend 'openai' (e.g. "
-            "--config.rewards.judge.llm_url=http://host:8000/v1 --config.rewards.judge.llm_model=Qwen/Qwen2.5-72B)"
-        )
-    cache = ResponseCache(os.path.join(judge.cache_dir, "judge_cache.sqlite")) if judge.cache_dir else None
-    common = dict(max_concurrency=int(judge.max_concurrency), request_timeout_s=float(judge.timeout_s),
-                  max_attempts=int(judge.max_retries) + 1, api_key_env=judge.api_key_env or None)  # fmt: skip
-    text = OpenAICompatibleJudge(
-        OpenAICompatibleConfig(model=judge.llm_model, base_urls=_urls(judge.llm_url), multimodal=not judge.vlm_url,
-                               **common), cache=cache)  # fmt: skip
-    visual = text
-    if judge.vlm_url:
-        if not judge.vlm_model:
-            raise ValueError("config.rewards.judge.vlm_model must be set when vlm_url is")
-        visual = OpenAICompatibleJudge(
-            OpenAICompatibleConfig(model=judge.vlm_model, base_urls=_urls(judge.vlm_url), multimodal=True, **common),
-            cache=cache,
-        )
+    text, visual = openai_judge_pair_from_config(
+        judge, workdir=workdir, purpose="to evaluate with judge backend 'openai'"
+    )
     return EvalJudges(text=text, visual=visual)
 
 
-def build_judges(backend: str, config: Any, *, scripted_latency_s: float = 0.0) -> EvalJudges:
-    """backend: "config" (whatever config.rewards.judge.backend names; must be "openai") or one of BACKENDS."""
+def build_judges(
+    backend: str, config: Any, *, scripted_latency_s: float = 0.0, workdir: str | os.PathLike | None = None
+) -> EvalJudges:
+    """backend: "config" (whatever config.rewards.judge.backend names; must be "openai") or one of BACKENDS.
+    workdir: where the judge cache lives when `rewards.judge.cache_dir` is empty (None: no cache then)."""
     if backend == "config":
         backend = str(config.rewards.judge.backend)
         if backend not in BACKENDS:
@@ -57,7 +40,7 @@ def build_judges(backend: str, config: Any, *, scripted_latency_s: float = 0.0) 
                 "set it to 'openai' (with llm_url/llm_model, vlm_url/vlm_model) or pass --judge=scripted for a dry run"
             )
     if backend == "openai":
-        return openai_judges(config.rewards.judge)
+        return openai_judges(config.rewards.judge, workdir=workdir)
     if backend == "scripted":
         judge = scripted_eval_judge(latency_s=scripted_latency_s)
         return EvalJudges(text=judge, visual=judge)

@@ -149,6 +149,7 @@ class CapRLQAReward:
         outcome = await ask_json(
             self.text_judge, user_request(prompt, max_tokens=cfg.max_tokens), ANSWER_SCHEMA, log, policy=cfg.policy,
             check=lambda parsed: chosen_index(parsed["answer"], draw.options), label="caption_qa",
+            schema_name="caption_qa",
         )  # fmt: skip
         return None if outcome is None else outcome[0]
 

@@ -62,9 +62,11 @@ async def decompose(
 ) -> tuple[tuple[Claim, ...], bool] | None:
     """(claims, truncated) for `text`, at most `max_claims` of them; None when the judge failed (see `log`)."""
     request = user_request(render_prompt("decompose_claims", prompt_version, description=text), max_tokens=max_tokens)
+    # One claim beyond max_claims is allowed through the schema so that truncation is still detected.
     outcome = await ask_json(
-        judge, request, DECOMPOSITION_SCHEMA, log, policy=policy, check=_to_claims(prefix, max_claims), label=label
-    )
+        judge, request, DECOMPOSITION_SCHEMA, log, policy=policy, check=_to_claims(prefix, max_claims), label=label,
+        schema_name="decompose_claims", max_items=max_claims + 1,
+    )  # fmt: skip
     return None if outcome is None else outcome[0]
 
 

@@ -63,7 +63,9 @@ class LinguisticReward:
         log = CallLog()
         prompt = render_prompt("linguistic", cfg.prompt_version, caption=item.caption)
         request = user_request(prompt, max_tokens=cfg.max_tokens)
-        outcome = await ask_json(self.text_judge, request, self._schema, log, policy=cfg.policy, label="linguistic")
+        outcome = await ask_json(
+            self.text_judge, request, self._schema, log, policy=cfg.policy, label="linguistic", schema_name="linguistic"
+        )
         if outcome is None:
             return ComponentScore(math.nan, record | log.as_record(), errors=log.errors)
         scores, _ = outcome

@@ -69,8 +69,9 @@ class PrecisionReward:
             return match_ids(parsed["verdicts"], ids, "verdict")
 
         outcome = await ask_json(
-            self.visual_judge, request, VERDICT_SCHEMA, log, policy=cfg.policy, check=check, label="verify"
-        )
+            self.visual_judge, request, VERDICT_SCHEMA, log, policy=cfg.policy, check=check, label="verify",
+            schema_name="verify_claims", max_items=len(ids),
+        )  # fmt: skip
         return None if outcome is None else outcome[0]
 
     async def score_one(self, item: RewardItem) -> ComponentScore:

@@ -108,7 +108,7 @@ class RecallReward:
         outcome = await ask_json(
             self.text_judge, user_request(prompt, max_tokens=cfg.coverage_max_tokens), COVERAGE_SCHEMA, log,
             policy=cfg.policy, check=lambda parsed: match_ids(parsed["coverage"], ids, "coverage decision"),
-            label="coverage",
+            label="coverage", schema_name="coverage", max_items=len(ids),
         )  # fmt: skip
         return None if outcome is None else outcome[0]
 

@@ -13,6 +13,8 @@ Exits 0 once every row is written, even when some are unscorable; 2 on unusable 
 
 Without --vlm-judge-*, the text judge also verifies claims against images, so it must then be multimodal.
 --judge-url (and --vlm-judge-url) may repeat, or hold comma-separated URLs: requests round-robin over them.
+Images go to the visual judge with their longest side at most --image-max-side px (0 keeps the size); each
+prompt's JSON Schema is sent as --response-format (json_schema | json_object | none).
 """
 
 from __future__ import annotations
@@ -24,20 +26,15 @@ import os
 import sys
 from typing import Any, Sequence
 
-from balcap_jax.rewards.caprl_qa import CapRLQAReward
-from balcap_jax.rewards.judges.openai_compatible import OpenAICompatibleConfig, OpenAICompatibleJudge
-from balcap_jax.rewards.judges.response_cache import ResponseCache
-from balcap_jax.rewards.linguistic import LinguisticReward
+from balcap_jax.rewards.components import COMPONENT_NAMES, judged_components
+from balcap_jax.rewards.judges.openai_compatible import RESPONSE_FORMATS
+from balcap_jax.rewards.judges.openai_pair import Endpoint, openai_judge_pair, split_urls
+from balcap_jax.rewards.judges.wire_images import DEFAULT_MAX_SIDE
 from balcap_jax.rewards.manager import RewardBatch, RewardManager
-from balcap_jax.rewards.precision import PrecisionReward
-from balcap_jax.rewards.recall import RecallReward
 from balcap_jax.rewards.types import RewardItem
 
-COMPONENTS = ("precision", "recall", "linguistic", "caprl_qa")
+COMPONENTS = COMPONENT_NAMES
 
-
-def _urls(values: Sequence[str] | None) -> tuple[str, ...]:
-    return tuple(url.strip() for value in values or () for url in value.split(",") if url.strip())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -57,7 +54,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP attempt")
     parser.add_argument("--max-attempts", type=int, default=6)
     parser.add_argument("--backoff", type=float, default=0.5, help="initial retry backoff in seconds")
+    parser.add_argument("--image-max-side", type=int, default=DEFAULT_MAX_SIDE,
+                        help="longest side (px) of the images sent to the visual judge; 0 keeps the size")
+    parser.add_argument("--response-format", choices=RESPONSE_FORMATS, default="json_schema",
+                        help="how each prompt's JSON Schema is sent (none: for servers rejecting response_format)")
     args = parser.parse_args(argv)
+    if args.image_max_side < 0:
+        parser.error("--image-max-side must be >= 0 (0 keeps the size)")
     if bool(args.vlm_judge_url) != bool(args.vlm_judge_model):
         parser.error("--vlm-judge-url and --vlm-judge-model go together")
     args.components = tuple(c.strip() for c in args.components.split(",") if c.strip())
@@ -115,37 +118,16 @@ def load_rows(path: str) -> tuple[list[dict[str, Any]], list[RewardItem]]:
 
 
 def build_components(args: argparse.Namespace) -> list:
-    cache = ResponseCache(args.cache) if args.cache else None
-    common = dict(
-        max_concurrency=args.max_concurrency,
-        request_timeout_s=args.timeout,
-        max_attempts=args.max_attempts,
-        backoff_initial_s=args.backoff,
-        backoff_max_s=max(args.backoff, 30.0),
-    )
-    text_judge = OpenAICompatibleJudge(
-        OpenAICompatibleConfig(
-            model=args.judge_model, base_urls=_urls(args.judge_url), api=args.judge_api,
-            api_key_env=args.api_key_env, multimodal=not args.vlm_judge_url, **common,
-        ),
-        cache=cache,
-    )  # fmt: skip
-    visual_judge = text_judge
+    text = Endpoint(args.judge_model, split_urls(args.judge_url), args.api_key_env, api=args.judge_api)
+    visual = None
     if args.vlm_judge_url:
-        visual_judge = OpenAICompatibleJudge(
-            OpenAICompatibleConfig(
-                model=args.vlm_judge_model, base_urls=_urls(args.vlm_judge_url), api="chat",
-                api_key_env=args.vlm_api_key_env, multimodal=True, **common,
-            ),
-            cache=cache,
-        )  # fmt: skip
-    factories = {
-        "precision": lambda: PrecisionReward(text_judge, visual_judge),
-        "recall": lambda: RecallReward(text_judge),
-        "linguistic": lambda: LinguisticReward(text_judge),
-        "caprl_qa": lambda: CapRLQAReward(text_judge),
-    }
-    return [factories[name]() for name in args.components]
+        visual = Endpoint(args.vlm_judge_model, split_urls(args.vlm_judge_url), args.vlm_api_key_env)
+    text_judge, visual_judge = openai_judge_pair(
+        text, visual, cache_path=args.cache, max_concurrency=args.max_concurrency, request_timeout_s=args.timeout,
+        max_attempts=args.max_attempts, backoff_initial_s=args.backoff, backoff_max_s=max(args.backoff, 30.0),
+        image_max_side=args.image_max_side, response_format=args.response_format,
+    )  # fmt: skip
+    return judged_components(args.components, text_judge, visual_judge)
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -4,6 +4,10 @@ Transport failures are retried inside the judge backend. This layer handles the 
 arrived but holds no valid JSON. It re-asks with a fresh seed (and, by default, a non-zero temperature, since a
 greedy judge would repeat itself), so the re-ask is a different cache key too. When every attempt fails the
 result is None and one error is counted: the caller returns NaN, never 0.
+
+Every request carries the answer's JSON Schema (for servers with constrained decoding) and an `accept`
+predicate (the same parse and check), so caching backends never store an unusable answer: a re-run asks again
+instead of replaying the failure.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 from typing import Any, Callable
 
 from balcap_jax.rewards.json_output import JudgeOutputError, parse_judge_json
+from balcap_jax.rewards.json_schema import DEFAULT_MAX_ITEMS, DEFAULT_MAX_LENGTH, response_schema
 from balcap_jax.rewards.judges.protocol import Judge, JudgeRequest, JudgeUnavailable
 
 MAX_RECORDED_CHARS = 4000
@@ -53,6 +58,38 @@ class CallLog:
         }
 
 
+class _Parser:
+    """parse + check of reply texts, remembered per text (the backend's `accept` and the caller both ask)."""
+
+    def __init__(self, schema: Any, check: Callable[[Any], Any] | None):
+        self.schema, self.check = schema, check
+        self._outcomes: dict[str, Any] = {}
+
+    def __call__(self, text: str) -> Any:
+        """The parsed, checked value of `text`; JudgeOutputError when it is unusable."""
+        if text not in self._outcomes:
+            try:
+                value = parse_judge_json(text, self.schema)
+                self._outcomes[text] = self.check(value) if self.check is not None else value
+            except JudgeOutputError as error:
+                self._outcomes[text] = error
+        outcome = self._outcomes[text]
+        if isinstance(outcome, JudgeOutputError):
+            raise outcome
+        return outcome
+
+    def usable(self, text: str) -> bool:
+        try:
+            self(text)
+        except JudgeOutputError:
+            return False
+        return True
+
+
+def _schema_name(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in label)[:64] or "answer"
+
+
 def _reask(request: JudgeRequest, attempt: int, policy: AskPolicy) -> JudgeRequest:
     if attempt == 0:
         return request
@@ -69,12 +106,24 @@ async def ask_json(
     policy: AskPolicy = AskPolicy(),
     check: Callable[[Any], Any] | None = None,
     label: str = "judge",
+    schema_name: str | None = None,
+    max_items: int = DEFAULT_MAX_ITEMS,
+    max_length: int = DEFAULT_MAX_LENGTH,
 ) -> tuple[Any, str] | None:
     """(parsed value, raw text) of the first answer that parses, validates and passes `check`; None on failure.
 
     check: extra validation of the parsed value (e.g. "one verdict per claim id"); it returns the value to use
     and raises JudgeOutputError to reject the answer.
+    schema_name / max_items / max_length: the name and the array / string bounds of the JSON Schema sent with
+    the request (default name: `label`); a request that already carries a `response_schema` keeps it.
     """
+    parser = _Parser(schema, check)
+    request = dataclasses.replace(
+        request,
+        response_schema=request.response_schema
+        or response_schema(schema_name or _schema_name(label), schema, max_items=max_items, max_length=max_length),
+        accept=parser.usable,
+    )
     for attempt in range(policy.parse_attempts):
         try:
             reply = await judge.generate(_reask(request, attempt, policy))
@@ -86,10 +135,7 @@ async def ask_json(
         log.cache_hits += int(reply.cached)
         log.latency_s += reply.latency_s
         try:
-            value = parse_judge_json(reply.text, schema)
-            if check is not None:
-                value = check(value)
-            return value, reply.text[:MAX_RECORDED_CHARS]
+            return parser(reply.text), reply.text[:MAX_RECORDED_CHARS]
         except JudgeOutputError as error:
             if attempt + 1 < policy.parse_attempts:
                 log.reasks += 1

@@ -5,24 +5,24 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from balcap_jax.rewards.caprl_qa import CapRLQAReward
-from balcap_jax.rewards.judges.openai_compatible import OpenAICompatibleConfig, OpenAICompatibleJudge
-from balcap_jax.rewards.judges.response_cache import ResponseCache
+from balcap_jax.rewards.components import COMPONENT_NAMES, judged_components
+from balcap_jax.rewards.judges.openai_pair import openai_judge_pair_from_config
 from balcap_jax.rewards.judges.shapes_world import (
     ShapesWorldLinguistic,
     ShapesWorldPrecision,
     ShapesWorldQA,
     ShapesWorldRecall,
 )
-from balcap_jax.rewards.linguistic import LinguisticReward
-from balcap_jax.rewards.precision import PrecisionReward
-from balcap_jax.rewards.recall import RecallReward
 
-KNOWN_COMPONENTS = ("precision", "recall", "linguistic", "caprl_qa")
+KNOWN_COMPONENTS = COMPONENT_NAMES
 
 
-def build_reward_components(config: Any) -> list[Any]:
-    """One component per name in `config.rewards.components`, in that order (the K axis of rewards[P, G, K])."""
+def build_reward_components(config: Any, *, workdir: str | os.PathLike | None = None) -> list[Any]:
+    """One component per name in `config.rewards.components`, in that order (the K axis of rewards[P, G, K]).
+
+    workdir: the run's directory; with backend 'openai' and an empty `rewards.judge.cache_dir`, judge replies
+    are cached in `<workdir>/judge_cache` (so a resumed run pays for no judge call twice).
+    """
     names = tuple(config.rewards.components)
     unknown = [n for n in names if n not in KNOWN_COMPONENTS]
     if unknown:
@@ -37,44 +37,12 @@ def build_reward_components(config: Any) -> list[Any]:
         }
         return [factories[n]() for n in names]
     if judge.backend == "openai":
-        return _openai_components(names, judge)
+        return _openai_components(names, judge, workdir)
     raise ValueError(
         f"config.rewards.judge.backend={judge.backend!r} cannot drive training from the config; allowed: "
         "'shapes_world', 'openai' (in-process JAX judges are built in code: balcap_jax.rewards.judges.jax_local)"
     )
 
 
-def _openai_components(names: tuple[str, ...], judge: Any) -> list[Any]:
-    if not judge.llm_url or not judge.llm_model:
-        raise ValueError(
-            "config.rewards.judge.llm_url and llm_model must be set for backend='openai' (e.g. "
-            "--config.rewards.judge.llm_url=http://host:8000/v1 --config.rewards.judge.llm_model=Qwen/Qwen2.5-72B)"
-        )
-    cache = ResponseCache(os.path.join(judge.cache_dir, "judge_cache.sqlite")) if judge.cache_dir else None
-    common = dict(
-        max_concurrency=int(judge.max_concurrency),
-        request_timeout_s=float(judge.timeout_s),
-        max_attempts=int(judge.max_retries) + 1,
-        api_key_env=judge.api_key_env or None,
-    )
-    urls = tuple(u for u in str(judge.llm_url).split(",") if u)
-    text_judge = OpenAICompatibleJudge(
-        OpenAICompatibleConfig(model=judge.llm_model, base_urls=urls, multimodal=not judge.vlm_url, **common),
-        cache=cache,
-    )
-    visual_judge = text_judge
-    if judge.vlm_url:
-        if not judge.vlm_model:
-            raise ValueError("config.rewards.judge.vlm_model must be set when vlm_url is")
-        vlm_urls = tuple(u for u in str(judge.vlm_url).split(",") if u)
-        visual_judge = OpenAICompatibleJudge(
-            OpenAICompatibleConfig(model=judge.vlm_model, base_urls=vlm_urls, multimodal=True, **common),
-            cache=cache,
-        )
-    factories = {
-        "precision": lambda: PrecisionReward(text_judge, visual_judge),
-        "recall": lambda: RecallReward(text_judge),
-        "linguistic": lambda: LinguisticReward(text_judge),
-        "caprl_qa": lambda: CapRLQAReward(text_judge),
-    }
-    return [factories[n]() for n in names]
+def _openai_components(names: tuple[str, ...], judge: Any, workdir: str | os.PathLike | None) -> list[Any]:
+    return judged_components(names, *openai_judge_pair_from_config(judge, workdir=workdir))

@@ -7,7 +7,8 @@ Faults are decided per request body (a canonical JSON string) and per attempt of
   permanent_pct: % of bodies that fail on every attempt (unrecoverable), with one of PERMANENT_FAULTS;
   transient_pct: % of bodies that fail on their first attempt only (recoverable), with one of TRANSIENT_FAULTS;
   forced_fault:  a fault applied to every attempt of every body (single-fault tests);
-  first_attempt_fault: a fault applied to the first attempt of every body only.
+  first_attempt_fault: a fault applied to the first attempt of every body only;
+  garbage_first_requests: the first n requests of the server's life answer non-JSON text (whatever their body).
 Besides those lists, "http_400" (a non-retryable client error) can be forced.
 
 Run in a thread of the test process (`FakeOpenAIServer(spec).start()`) or, for throughput tests where the
@@ -45,6 +46,7 @@ class ServerSpec:
     transient_pct: float = 0.0
     forced_fault: str | None = None
     first_attempt_fault: str | None = None
+    garbage_first_requests: int = 0
     timeout_sleep_s: float = 2.0  # "timeout" faults sleep this long (longer than the client's timeout)
     slow_sleep_s: float = 0.05  # "slow" faults answer correctly after this delay
     retry_after_s: float = 0.0  # the Retry-After header of "http_429" faults
@@ -161,6 +163,8 @@ class FakeOpenAIServer:
     async def _answer_completion(self, body: dict, writer) -> bool:
         key = body_key(body)
         fault = planned_fault(self.spec, key, self.attempts[key])
+        if self.http_requests < self.spec.garbage_first_requests:
+            fault = "garbage_text"
         self.attempts[key] += 1
         if fault:
             self.faults[fault] += 1

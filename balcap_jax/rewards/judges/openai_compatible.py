@@ -1,7 +1,8 @@
 """An async judge client for OpenAI-compatible servers (vLLM, SGLang, TGI, hosted APIs).
 
 Built on httpx (a few small connection pools per event loop; one loop at a time) and tenacity (retry policy):
-- chat (`/chat/completions`, images as base64 data URLs for multimodal judges) or raw completions
+- chat (`/chat/completions`, images as base64 data URLs for multimodal judges, each image downscaled and
+  re-encoded once for the client's life, see wire_images.py) or raw completions
   (`/completions`, text only; concurrent prompts with equal parameters optionally batched into one request);
 - bounded concurrency: a semaphore caps attempts in flight, so a batch of thousands of calls can be awaited at
   once without opening thousands of sockets; sleeping retries hold no slot;
@@ -11,14 +12,15 @@ Built on httpx (a few small connection pools per event loop; one loop at a time)
   so a dead replica costs one attempt, not a failed request;
 - the API key is read once from the environment variable the config names; it is kept out of every repr, log
   line and error message;
+- structured output: a request's `response_schema` goes out as `response_format` (json_schema, the form vLLM and
+  SGLang accept, or json_object, or nothing);
 - an on-disk response cache (`ResponseCache`) keyed by (model, request body): a second identical run makes no
-  HTTP request.
+  HTTP request. Only replies the request `accept`s are stored, so an unusable answer is asked again next run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import itertools
 import json
@@ -31,8 +33,16 @@ from typing import Any, Callable, Literal, Mapping, TypeVar
 import httpx
 import tenacity
 
-from balcap_jax.rewards.judges.protocol import ImagePart, JudgeReply, JudgeRequest, JudgeUnavailable, Message
+from balcap_jax.rewards.judges.protocol import (
+    ImagePart,
+    JudgeReply,
+    JudgeRequest,
+    JudgeUnavailable,
+    Message,
+    ResponseSchema,
+)
 from balcap_jax.rewards.judges.response_cache import ResponseCache, cache_key
+from balcap_jax.rewards.judges.wire_images import DEFAULT_MAX_SIDE, WireImageCache
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -41,6 +51,7 @@ _RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 # httpcore scans every pooled connection for every queued request, so one pool of hundreds of connections costs
 # O(connections^2) per batch; several small pools (clients) used round-robin keep that scan short.
 _CONNECTIONS_PER_CLIENT = 4
+RESPONSE_FORMATS = ("json_schema", "json_object", "none")
 
 
 def plain_completion_prompt(messages: tuple[Message, ...]) -> str:
@@ -68,6 +79,10 @@ class OpenAICompatibleConfig:
     completion_batch_size / completion_batch_window_s: with api="completions", prompts with identical sampling
         parameters arriving within the window are sent as one request with a list of prompts (vLLM and SGLang
         accept it); 1 sends one prompt per request. The cache still keys each prompt on its own.
+    image_max_side: longest side in pixels of the images sent (larger ones are downscaled; 0 keeps the size).
+    image_cache_size: prepared images kept in memory (by content digest) for reuse by later requests.
+    response_format: how a request's JSON Schema is sent: "json_schema" (constrained decoding to the schema),
+        "json_object" (any JSON object) or "none" (not sent; for servers that reject response_format).
     """
 
     model: str
@@ -87,6 +102,9 @@ class OpenAICompatibleConfig:
     completion_prompt: Callable[[tuple[Message, ...]], str] = plain_completion_prompt
     completion_batch_size: int = 1
     completion_batch_window_s: float = 0.002
+    image_max_side: int = DEFAULT_MAX_SIDE
+    image_cache_size: int = 256
+    response_format: Literal["json_schema", "json_object", "none"] = "json_schema"
 
     def __post_init__(self):
         if isinstance(self.base_urls, str):
@@ -101,7 +119,16 @@ class OpenAICompatibleConfig:
                 raise ValueError(f"OpenAICompatibleConfig.base_urls: {url!r} must start with http:// or https://")
         if self.api not in ("chat", "completions"):
             raise ValueError(f"OpenAICompatibleConfig.api must be 'chat' or 'completions', got {self.api!r}")
-        for name in ("max_concurrency", "max_attempts", "completion_batch_size"):
+        if self.response_format not in RESPONSE_FORMATS:
+            raise ValueError(
+                f"OpenAICompatibleConfig.response_format must be one of {RESPONSE_FORMATS}, "
+                f"got {self.response_format!r}"
+            )
+        if self.image_max_side < 0:
+            raise ValueError(
+                f"OpenAICompatibleConfig.image_max_side must be >= 0 (0 keeps the size), got {self.image_max_side}"
+            )
+        for name in ("max_concurrency", "max_attempts", "completion_batch_size", "image_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OpenAICompatibleConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("request_timeout_s", "connect_timeout_s"):
@@ -131,27 +158,43 @@ def _retry_after_seconds(response: httpx.Response) -> float | None:
         return None
 
 
-def _image_url(image: ImagePart) -> dict[str, Any]:
-    encoded = base64.b64encode(image.data).decode("ascii")
-    return {"type": "image_url", "image_url": {"url": f"data:{image.mime};base64,{encoded}"}}
-
-
-def _chat_message(message: Message) -> dict[str, Any]:
+def _chat_message(message: Message, image_urls: Mapping[str, str]) -> dict[str, Any]:
+    """The chat message; images as the data URLs `image_urls` holds for their digests."""
     if not message.images:
         return {"role": message.role, "content": message.text}
-    parts = [{"type": "text", "text": p} if isinstance(p, str) else _image_url(p) for p in message.content]
-    return {"role": message.role, "content": parts}
+
+    def part(p: str | ImagePart) -> dict[str, Any]:
+        if isinstance(p, str):
+            return {"type": "text", "text": p}
+        if p.digest not in image_urls:
+            raise ValueError(f"no prepared data URL for {p!r}; build bodies through OpenAICompatibleJudge.generate")
+        return {"type": "image_url", "image_url": {"url": image_urls[p.digest]}}
+
+    return {"role": message.role, "content": [part(p) for p in message.content]}
+
+
+def response_format(schema: ResponseSchema, mode: str) -> dict[str, Any] | None:
+    """The `response_format` field for `schema` in `mode` (see OpenAICompatibleConfig.response_format)."""
+    if mode == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": schema.name, "schema": schema.schema, "strict": True}}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    if mode == "none":
+        return None
+    raise ValueError(f"response_format mode must be one of {RESPONSE_FORMATS}, got {mode!r}")
 
 
 @dataclasses.dataclass
 class JudgeStats:
-    """Counters since construction: requests (generate calls), http_attempts, retries, cache_hits, failures."""
+    """Counters since construction: requests (generate calls), http_attempts, retries, cache_hits, failures,
+    uncached (replies the request did not accept, hence not stored)."""
 
     requests: int = 0
     http_attempts: int = 0
     retries: int = 0
     cache_hits: int = 0
     failures: int = 0
+    uncached: int = 0
 
 
 class OpenAICompatibleJudge:
@@ -172,6 +215,7 @@ class OpenAICompatibleJudge:
                 )
             self._api_key = key
         self.cache = cache if cache is not None else (ResponseCache(config.cache_path) if config.cache_path else None)
+        self.images = WireImageCache(config.image_max_side, config.image_cache_size)
         self.stats = JudgeStats()
         self._url_counter = itertools.count()
         self._client_load: list[int] = []
@@ -222,16 +266,20 @@ class OpenAICompatibleJudge:
 
     # --- request building -------------------------------------------------------------------------------
 
-    def request_body(self, request: JudgeRequest) -> dict[str, Any]:
-        """The JSON body sent for `request` (also what the cache key hashes)."""
+    def _check_images_allowed(self, request: JudgeRequest) -> None:
         if request.has_images and not self.multimodal:
             raise ValueError(
                 f"judge {self.model!r} is configured text-only (multimodal=False) but the request carries images; "
                 "point the visual judge at a VLM and set multimodal=True"
             )
+
+    def request_body(self, request: JudgeRequest, image_urls: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The JSON body sent for `request` (also what the cache key hashes); image_urls: {image digest: data URL}
+        of the request's prepared images (`generate` prepares them)."""
+        self._check_images_allowed(request)
         body: dict[str, Any] = {"model": self.model}
         if self.config.api == "chat":
-            body["messages"] = [_chat_message(message) for message in request.messages]
+            body["messages"] = [_chat_message(message, image_urls or {}) for message in request.messages]
         else:
             body["prompt"] = self.config.completion_prompt(request.messages)
         body.update(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p)
@@ -239,8 +287,25 @@ class OpenAICompatibleJudge:
             body["seed"] = request.seed
         if request.stop:
             body["stop"] = list(request.stop)
+        if request.response_schema is not None:
+            wire_format = response_format(request.response_schema, self.config.response_format)
+            if wire_format is not None:
+                body["response_format"] = wire_format
         body.update(self.config.extra_body)
         return body
+
+    async def _image_urls(self, request: JudgeRequest) -> dict[str, str]:
+        """{digest: data URL} of the request's images, each prepared once per client; JudgeUnavailable (a NaN
+        reward, a counted error) when an image cannot be decoded."""
+        urls: dict[str, str] = {}
+        for image in request.images:
+            if image.digest not in urls:
+                try:
+                    urls[image.digest] = await self.images.data_url(image)
+                except ValueError as error:
+                    self.stats.failures += 1
+                    raise JudgeUnavailable(f"{self.model}: {error}") from None
+        return urls
 
     def _endpoint(self, slot: int) -> str:
         base = self.config.base_urls[slot % len(self.config.base_urls)]
@@ -317,11 +382,13 @@ class OpenAICompatibleJudge:
     async def generate(self, request: JudgeRequest) -> JudgeReply:
         start = time.perf_counter()
         self.stats.requests += 1
-        body = self.request_body(request)
+        self._check_images_allowed(request)  # before any image work: a misconfiguration, not a judge failure
+        body = self.request_body(request, await self._image_urls(request))
         key = cache_key(self.model, {"api": self.config.api, "body": body}) if self.cache is not None else None
         if key is not None:
             cached = self.cache.get(key)
-            if cached is not None:
+            # An unusable stored reply (written before replies were checked) is a miss: ask again, overwrite it.
+            if cached is not None and request.accepts(cached):
                 self.stats.cache_hits += 1
                 return JudgeReply(cached, cached=True, latency_s=time.perf_counter() - start, attempts=0)
         if self.config.api == "completions" and self.config.completion_batch_size > 1:
@@ -329,7 +396,10 @@ class OpenAICompatibleJudge:
         else:
             text, attempts = await self._post_with_retries(body, self._reply_text)
         if key is not None:
-            self.cache.put(key, self.model, text)
+            if request.accepts(text):
+                self.cache.put(key, self.model, text)
+            else:
+                self.stats.uncached += 1
         return JudgeReply(text, cached=False, latency_s=time.perf_counter() - start, attempts=attempts)
 
     # --- completions batching -------------------------------------------------------------------------------

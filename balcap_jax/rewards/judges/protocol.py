@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
-from typing import Literal, Protocol, Sequence
+import json
+import re
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 Role = Literal["system", "user", "assistant"]
 
@@ -20,18 +23,21 @@ _IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "image/jpeg"),
     (b"GIF87a", "image/gif"),
     (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
 )
 
 
 def sniff_image_mime(data: bytes) -> str:
-    """The MIME type of encoded image bytes, from their magic number (PNG, JPEG, GIF, WEBP)."""
+    """The MIME type of encoded image bytes, from their magic number (PNG, JPEG, GIF, WEBP, BMP, TIFF)."""
     for signature, mime in _IMAGE_SIGNATURES:
         if data.startswith(signature):
             return mime
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     raise ValueError(
-        "image bytes are not PNG, JPEG, GIF or WEBP (first bytes "
+        "image bytes are not PNG, JPEG, GIF, WEBP, BMP or TIFF (first bytes "
         f"{data[:8]!r}); pass encoded image files, not raw pixel arrays"
     )
 
@@ -45,13 +51,17 @@ class ImagePart:
 
     def __post_init__(self):
         if not isinstance(self.data, (bytes, bytearray)) or not self.data:
-            raise ValueError("ImagePart.data must be non-empty encoded image bytes (PNG/JPEG/GIF/WEBP)")
+            raise ValueError("ImagePart.data must be non-empty encoded image bytes (PNG/JPEG/GIF/WEBP/BMP/TIFF)")
         if not self.mime:
             object.__setattr__(self, "mime", sniff_image_mime(bytes(self.data)))
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the bytes (hex), computed once: it keys per-image caches such as the prepared data URL."""
+        return hashlib.sha256(self.data).hexdigest()
+
     def __repr__(self) -> str:  # never dump kilobytes of image into logs
-        digest = hashlib.sha256(self.data).hexdigest()[:12]
-        return f"ImagePart({self.mime}, {len(self.data)} bytes, sha256={digest})"
+        return f"ImagePart({self.mime}, {len(self.data)} bytes, sha256={self.digest[:12]})"
 
 
 Content = str | ImagePart
@@ -85,12 +95,42 @@ class Message:
         return tuple(part for part in self.content if isinstance(part, ImagePart))
 
 
+_SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseSchema:
+    """The JSON Schema an answer must follow, for backends with constrained decoding (vLLM, SGLang).
+
+    name: [A-Za-z0-9_-]{1,64} (the OpenAI API's rule for json_schema names).
+    schema_json: the schema as canonical JSON text (text keeps the request immutable and hashable).
+    """
+
+    name: str
+    schema_json: str
+
+    def __post_init__(self):
+        if not _SCHEMA_NAME.match(self.name):
+            raise ValueError(f"ResponseSchema.name={self.name!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if not isinstance(json.loads(self.schema_json), dict):
+            raise ValueError("ResponseSchema.schema_json must be a JSON object")
+
+    @functools.cached_property
+    def schema(self) -> dict[str, Any]:
+        """The schema as a dict (parsed once; treat it as read-only)."""
+        return json.loads(self.schema_json)
+
+
 @dataclasses.dataclass(frozen=True)
 class JudgeRequest:
     """A generation request. Sampling parameters are part of the request (and of any cache key).
 
     seed: distinguishes deliberate re-asks (e.g. after an unparsable answer) so they are neither served the
     same cached reply nor, on servers that honour it, sampled identically.
+    response_schema: the JSON Schema of the expected answer; backends that support structured output send it
+    (it is part of the request body, hence of the cache key); others ignore it.
+    accept: whether a reply text is a usable answer; caching backends store only accepted replies, so an
+    unusable answer is asked again on the next run instead of being replayed. Not part of equality or keys.
     """
 
     messages: tuple[Message, ...]
@@ -99,6 +139,8 @@ class JudgeRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    response_schema: ResponseSchema | None = None
+    accept: Callable[[str], bool] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not self.messages:
@@ -113,6 +155,14 @@ class JudgeRequest:
     @property
     def has_images(self) -> bool:
         return any(message.images for message in self.messages)
+
+    @property
+    def images(self) -> tuple[ImagePart, ...]:
+        return tuple(image for message in self.messages for image in message.images)
+
+    def accepts(self, text: str) -> bool:
+        """Whether `text` may be cached as this request's answer (always, without an `accept` predicate)."""
+        return self.accept is None or bool(self.accept(text))
 
     def with_seed(self, seed: int | None) -> "JudgeRequest":
         return dataclasses.replace(self, seed=seed)
