@@ -7,9 +7,12 @@ Every function here is pure `jnp`, jit-able and free of Python loops over sample
   weights:  float[K]        component weights (α, β, γ, ... in METHOD.md).
   lengths:  int/float[P, G] generated caption lengths in tokens.
 
-NaN semantics (shared by every function, and equal to TRL 1.16 `GRPOTrainer`):
-  * a NaN component is excluded from every mean and standard deviation; it is never read as 0 in a statistic
-    (GRPO sums a partially scored sample's scored components, as TRL does, unless partial_nan="unscorable");
+NaN semantics (shared by every function, and equal to TRL 1.16 `GRPOTrainer` under the defaults):
+  * a NaN component is excluded from every mean and standard deviation; it is never read as 0 in a statistic.
+    GRPO must still turn a partially scored sample into one number (`partial_nan`): TRL's "sum_present" sums the
+    scored components, which reads the missing one as 0 and penalises the sample; "mean_present" (the training
+    default in trainer/shaping.py) rescales the weighted mean of the scored components to the full weight, so a
+    missing component neither helps nor hurts; "unscorable" drops the sample;
   * a sample whose components are all NaN is unscorable: it is excluded from statistics and gets advantage 0;
   * a statistic over fewer than 2 valid values (a group with < 2 scorable samples, a batch with < 2) is
     undefined and the values it would normalise contribute 0, so no NaN or inf ever leaves these functions.
@@ -31,7 +34,8 @@ import jax.numpy as jnp
 Array = jax.Array
 GroupScale = Literal["group", "batch", "none"]
 BatchStats = Literal["sample", "token"]
-PartialNaN = Literal["sum_present", "unscorable"]
+PartialNaN = Literal["mean_present", "sum_present", "unscorable"]
+PARTIAL_NAN_MODES = ("mean_present", "sum_present", "unscorable")
 
 # Index of the linguistic-quality component in the standard (precision, recall, linguistic) reward stack that
 # rewards/ builds; rl/ does not import rewards/, so the order is restated here and is an argument everywhere.
@@ -108,6 +112,40 @@ def scorable_mask(rewards: Array) -> Array:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check_offset(offset: Array | None, rewards: Array) -> Array:
+    """The per-sample additive term as float32[P, G] (zeros when None)."""
+    if offset is None:
+        return jnp.zeros(rewards.shape[:2], jnp.float32)
+    if offset.shape != rewards.shape[:2]:
+        raise ValueError(
+            f"offset must be float[P, G] = {tuple(rewards.shape[:2])} (one term per sample, e.g. the linear length "
+            f"penalty), got shape {tuple(offset.shape)}."
+        )
+    return offset.astype(jnp.float32)
+
+
+def _grpo_sum(rewards: Array, weights: Array, partial_nan: PartialNaN) -> tuple[Array, Array]:
+    """The per-sample GRPO score and where it is defined: (float32[P, G], bool[P, G]).
+
+    rewards: float32[P, G, K] with NaN; weights: float32[K]. See grpo_advantages for the three modes.
+    """
+    nan = jnp.isnan(rewards)
+    summed = jnp.sum(jnp.where(nan, 0.0, rewards) * weights, axis=-1)
+    if partial_nan == "sum_present":
+        return summed, ~jnp.all(nan, axis=-1)
+    if partial_nan == "unscorable":
+        return summed, ~jnp.any(nan, axis=-1)
+    # mean_present: Σ_present w r · (Σ|w| / Σ_present |w|). The factor is set to exactly 1 for a fully scored
+    # sample (not computed), so such a sample keeps the bit-identical weighted sum of the other modes.
+    magnitude = jnp.abs(weights)
+    present_weight = jnp.sum(jnp.where(nan, 0.0, magnitude), axis=-1)
+    valid = present_weight > 0  # only zero-weight components scored: nothing to take a mean of
+    factor = jnp.where(
+        jnp.any(nan, axis=-1), jnp.sum(magnitude) / jnp.where(valid, present_weight, 1.0), 1.0
+    )
+    return summed * factor, valid
+
+
 def grpo_advantages(
     rewards: Array,
     weights: Array,
@@ -116,26 +154,37 @@ def grpo_advantages(
     ddof: int = 1,
     scale: GroupScale = "group",
     partial_nan: PartialNaN = "sum_present",
+    offset: Array | None = None,
 ) -> Array:
-    """GRPO ("sum then normalise"): s = Σ_k w_k r_k, A = (s − mean_G(s)) / (std(s) + eps).
+    """GRPO ("sum then normalise"): s = Σ_k w_k r_k + offset, A = (s − mean_G(s)) / (std(s) + eps).
 
-    rewards: float[P, G, K] (NaN = unscorable component); weights: float[K]. Returns float32[P, G].
+    rewards: float[P, G, K] (NaN = unscorable component); weights: float[K]; offset: None or float[P, G], a
+    per-sample term added to the score before normalisation (the linear length penalty −λ·excess). Returns
+    float32[P, G].
 
     scale: "group" divides by the group std (GRPO), "batch" by the std over all scorable samples of the batch
       (PPO-Lite), "none" only centres on the group mean (Dr. GRPO). The mean is always the group mean.
-    partial_nan: how a sample with some (not all) NaN components is summed. "sum_present" (TRL) sums the scored
-      components only; "unscorable" treats the sum as undefined, so the sample is excluded and gets 0.
-    Unscorable samples get 0; a group with < 2 scorable samples gets 0 (for scale="group").
+    partial_nan: how a sample with some (not all) NaN components is scored.
+      "mean_present": the weighted mean of the scored components times the total weight,
+        Σ_present w_k r_k · Σ_k |w_k| / Σ_present |w_k|; a fully scored sample gets exactly Σ_k w_k r_k, and an
+        unscorable component counts as the sample's own average instead of 0, so it is never penalised. A sample
+        whose scored components all have weight 0 is unscorable. The training default (trainer/shaping.py).
+      "sum_present" (TRL, and this function's default so TRL parity holds): sums the scored components only,
+        i.e. an unscorable component lowers the score as if it were 0.
+      "unscorable": the score is undefined, so the sample is excluded and gets 0.
+    Unscorable samples get 0; a group with < 2 scorable samples gets 0 (for scale="group"). A non-finite offset
+    makes its sample unscorable (excluded, advantage 0) rather than poisoning its group's statistics.
     """
     _check_rewards(rewards, weights, eps, ddof)
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none'; got {scale!r}.")
-    if partial_nan not in ("sum_present", "unscorable"):
-        raise ValueError(f"partial_nan must be 'sum_present' or 'unscorable'; got {partial_nan!r}.")
+    if partial_nan not in PARTIAL_NAN_MODES:
+        raise ValueError(f"partial_nan must be one of {PARTIAL_NAN_MODES}; got {partial_nan!r}.")
     rewards = rewards.astype(jnp.float32)
-    nan = jnp.isnan(rewards)
-    valid = ~jnp.all(nan, axis=-1) if partial_nan == "sum_present" else ~jnp.any(nan, axis=-1)
-    summed = jnp.sum(jnp.where(nan, 0.0, rewards) * weights.astype(jnp.float32), axis=-1)  # [P, G]
+    offset = _check_offset(offset, rewards)
+    summed, valid = _grpo_sum(rewards, weights.astype(jnp.float32), partial_nan)  # [P, G]
+    valid = valid & jnp.isfinite(offset)
+    summed = jnp.where(valid, summed + offset, 0.0)
 
     per_group = jax.vmap(lambda s, v: _zscore_1d(s, v, eps=eps, ddof=ddof, scale=scale == "group"))
     advantages = per_group(summed, valid)
@@ -153,16 +202,22 @@ def gdpo_advantages(
     ddof: int = 1,
     batch_stats: BatchStats = "sample",
     token_counts: Array | None = None,
+    offset: Array | None = None,
 ) -> Array:
     """GDPO / c-GDPO ("normalise then sum"): per-component group z-scores, weighted sum, batch normalisation.
 
     z_k = (r_k − mean_G(r_k)) / (std_G(r_k) + eps) per prompt and component (NaN entries excluded, and they add 0
-    to the sum); s = Σ_k w_k z_k; A = (s − mean_B(s)) / (std_B(s) + eps) over the scorable samples of the batch.
+    to the sum); s = Σ_k w_k z_k + offset; A = (s − mean_B(s)) / (std_B(s) + eps) over the scorable samples of
+    the batch.
 
     rewards: float[P, G, K] (NaN = unscorable component); weights: float[K]. Returns float32[P, G].
+    offset: None or float[P, G], a per-sample term added after the group normalisation and before the batch one,
+      so it is not z-scored away within the group: the linear length penalty −λ·excess keeps its scale λ
+      relative to the unit-variance component z-scores. A non-finite offset makes its sample unscorable.
     batch_stats: "sample" (TRL) gives every scorable sample weight 1 in mean_B/std_B; "token" (verl-style
-      whitening) weights each sample by its completion length, i.e. statistics over tokens; it needs
-      token_counts: int[P, G] (samples with 0 tokens are excluded). ddof then counts tokens.
+      whitening) weights each sample by its number of loss-carrying tokens, i.e. statistics over tokens; it needs
+      token_counts: int[P, G], which must count every token the loss sees (EOS included: an EOS-only caption
+      has 1); a sample with 0 tokens carries no loss and is excluded. ddof then counts tokens.
     A component constant within a group contributes 0; a component with < 2 scored samples in a group
     contributes 0 for that group; unscorable samples get 0.
     """
@@ -176,14 +231,15 @@ def gdpo_advantages(
             f"token_counts={'None' if token_counts is None else 'an array'}."
         )
     rewards = rewards.astype(jnp.float32)
+    offset = _check_offset(offset, rewards)
     scored = ~jnp.isnan(rewards)
 
     # vmap over components (axis 2 -> per-group column) and then over prompts.
     zscore_group = jax.vmap(lambda r, v: _zscore_1d(r, v, eps=eps, ddof=ddof), in_axes=(1, 1), out_axes=1)
     z = jax.vmap(zscore_group)(rewards, scored)  # [P, G, K], 0 where not scored
-    summed = jnp.sum(z * weights.astype(jnp.float32), axis=-1)  # [P, G]
+    sample_ok = jnp.any(scored, axis=-1) & jnp.isfinite(offset)
+    summed = jnp.where(sample_ok, jnp.sum(z * weights.astype(jnp.float32), axis=-1) + offset, 0.0)  # [P, G]
 
-    sample_ok = jnp.any(scored, axis=-1)
     if token_counts is None:
         batch_weight = sample_ok.astype(jnp.float32)
     else:
@@ -263,35 +319,34 @@ def append_component(rewards: Array, component: Array) -> Array:
 
 
 def linear_length_penalty(
-    rewards: Array,
     lengths: Array,
     target: Array | float,
     *,
     coef: float,
     relative: bool = False,
 ) -> Array:
-    """The linear length-penalty baseline, as an extra reward component: −coef · max(0, excess).
+    """The linear length-penalty baseline as a per-sample additive term: −coef · max(0, excess), float32[P, G].
 
-    excess = lengths − target (tokens) or, with relative=True, ρ − 1 = lengths / target − 1 (target is then the
-    reference length). target: scalar L_target, [P] (per prompt) or [P, G].
-    Returns float[P, G, K + 1]: `rewards` with the penalty appended (NaN on unscorable samples); give it weight
-    1 in `weights`. Composition:
-      * GRPO: Σ_k w_k r_k − coef · excess, exactly "subtracted from the summed reward" (METHOD.md);
-      * GDPO: the penalty is its own group-normalised component, so its strength is set by its weight, and coef
-        only needs to be > 0 (z-scoring removes the scale): the decoupled treatment GDPO gives every term.
+    lengths: [P, G]. excess = lengths − target (tokens) or, with relative=True, ρ − 1 = lengths / target − 1
+    (target is then the reference length). target: scalar L_target, [P] (per prompt) or [P, G].
+    Pass the result as `offset=` so it is subtracted from the score, as METHOD.md defines the baseline:
+      * GRPO: s = Σ_k w_k r_k − coef · excess, then the group normalisation;
+      * c-GDPO: s = Σ_k w_k z_k − coef · excess, then the batch normalisation. It is deliberately not a reward
+        component: a group z-score would divide out coef and leave only the within-group length ranking.
+    A relative excess against a reference length <= 0 is undefined: the term is NaN there, which the advantage
+    functions treat as unscorable (excluded, advantage 0), never as some penalty.
     """
     if coef < 0:
         raise ValueError(f"coef (λ) must be >= 0; a negative penalty would reward length. Got {coef}.")
-    chex.assert_rank(rewards, 3)
-    chex.assert_shape(lengths, rewards.shape[:2])
+    chex.assert_rank(lengths, 2)
     target = jnp.asarray(target, jnp.float32)
     if relative:
         excess = _length_ratio(lengths, target if target.ndim else jnp.full(lengths.shape[:1], target)) - 1.0
     else:
         target = target[:, None] if target.ndim == 1 else target
         excess = lengths.astype(jnp.float32) - target
-    penalty = -coef * jnp.maximum(excess, 0.0)
-    return append_component(rewards, jnp.broadcast_to(penalty, lengths.shape))
+    penalty = jnp.where(jnp.isfinite(excess), -coef * jnp.maximum(excess, 0.0), jnp.nan)
+    return jnp.broadcast_to(penalty, lengths.shape)
 
 
 def caprl_length_reward(lengths: Array, *, full_credit_len: float, zero_credit_len: float) -> Array:

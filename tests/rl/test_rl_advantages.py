@@ -66,8 +66,42 @@ class GrpoTest(chex.TestCase):
         expected[0, [1, 3]] = _z([1.0, 0.0])
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mean_present_rescales_the_scored_components_to_the_full_weight(self):
+        rewards = np.array([[[1.0, NAN, 0.5], [0.2, 0.4, 0.6], [NAN, NAN, NAN], [0.7, 0.1, NAN], [NAN, 0.9, NAN]]],
+                           np.float32)  # fmt: skip
+        weights = np.array([1.0, 2.0, 0.5], np.float32)
+        got = self.variant(functools.partial(adv.grpo_advantages, partial_nan="mean_present"))(rewards, weights)
+        # Σ_present w r · 3.5 / Σ_present w; a fully scored sample keeps its plain weighted sum.
+        scores = [(1.0 + 0.25) * 3.5 / 1.5, 0.2 + 0.8 + 0.3, (0.7 + 0.2) * 3.5 / 3.0, 1.8 * 3.5 / 2.0]
+        expected = np.zeros((1, 5))
+        expected[0, [0, 1, 3, 4]] = _z(scores)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mean_present_treats_only_zero_weight_components_scored_as_unscorable(self):
+        rewards = np.array([[[NAN, 0.9], [0.1, 0.2], [0.6, 0.3]]], np.float32)
+        got = self.variant(functools.partial(adv.grpo_advantages, partial_nan="mean_present"))(
+            rewards, np.array([1.0, 0.0], np.float32)
+        )
+        np.testing.assert_allclose(got, [[0.0, *_z([0.1, 0.6])]], atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_offset_is_added_before_the_group_normalisation(self):
+        rewards = np.array([[[0.5, 0.2], [0.9, 0.4], [0.1, 0.3]], [[0.3, 0.3], [0.6, 0.1], [0.2, 0.8]]], np.float32)
+        offset = np.array([[-0.2, 0.0, -0.5], [0.0, np.inf, -0.1]], np.float32)
+        got = self.variant(adv.grpo_advantages)(rewards, np.ones(2, np.float32), offset=offset)
+        summed = rewards.sum(-1) + np.where(np.isfinite(offset), offset, 0.0)
+        # A non-finite offset makes its sample unscorable: excluded from the statistics, advantage 0.
+        expected = np.stack([_z(summed[0]), np.array([_z(summed[1, [0, 2]])[0], 0.0, _z(summed[1, [0, 2]])[1]])])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
     def test_rejects_bad_arguments(self):
         rewards = jnp.zeros((2, 3, 2))
+        with pytest.raises(ValueError, match="partial_nan must be one of"):
+            adv.grpo_advantages(rewards, jnp.ones(2), partial_nan="zero")
+        with pytest.raises(ValueError, match="offset must be float"):
+            adv.grpo_advantages(rewards, jnp.ones(2), offset=jnp.zeros((2,)))
         with pytest.raises(ValueError, match="one weight per reward component"):
             adv.grpo_advantages(rewards, jnp.ones(3))
         with pytest.raises(ValueError, match="scale must be"):
@@ -114,6 +148,19 @@ class GdpoTest(chex.TestCase):
         expected[1, 0] = 0.0
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_offset_is_added_after_the_group_and_before_the_batch_normalisation(self):
+        rewards = np.array([[[0.1, 0.5], [0.9, 0.2], [0.4, 0.4]], [[1.0, 0.0], [0.0, 0.5], [0.3, 0.3]]], np.float32)
+        offset = np.array([[0.0, -0.8, -0.1], [-0.3, 0.0, np.nan]], np.float32)
+        got = self.variant(adv.gdpo_advantages)(rewards, np.ones(2, np.float32), offset=offset)
+        z = np.stack([np.stack([_z(rewards[p, :, k]) for k in range(2)], -1) for p in range(2)])
+        summed = (z.sum(-1) + np.nan_to_num(offset)).ravel()
+        expected = np.zeros(6)
+        expected[:5] = _z(summed[:5])  # the NaN offset makes sample (1, 2) unscorable for the batch statistics
+        np.testing.assert_allclose(got, expected.reshape(2, 3), atol=1e-5)
+        with pytest.raises(ValueError, match="offset must be float"):
+            adv.gdpo_advantages(rewards, np.ones(2, np.float32), offset=np.zeros((3, 2), np.float32))
+
     def test_token_counts_required_exactly_with_token_stats(self):
         rewards, weights = jnp.zeros((2, 2, 1)), jnp.ones(1)
         with pytest.raises(ValueError, match="token_counts"):
@@ -158,15 +205,16 @@ class LengthHandlingTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_linear_length_penalty_tokens_and_ratio(self):
-        rewards = np.array([[[0.5, 0.5], [1.0, 0.0], [NAN, NAN]]], np.float32)
         lengths = np.array([[80, 130, 500]])
-        got = self.variant(functools.partial(adv.linear_length_penalty, coef=0.01))(rewards, lengths, 100.0)
-        np.testing.assert_allclose(got[..., -1], [[0.0, -0.3, NAN]], atol=1e-6)
-        np.testing.assert_array_equal(got[..., :2], rewards)
+        got = self.variant(functools.partial(adv.linear_length_penalty, coef=0.01))(lengths, 100.0)
+        np.testing.assert_allclose(got, [[0.0, -0.3, -4.0]], atol=1e-6)
         got = self.variant(functools.partial(adv.linear_length_penalty, coef=2.0, relative=True))(
-            rewards, lengths, np.array([100.0])
+            np.array([[80, 130], [10, 10]]), np.array([100.0, 0.0])
         )
-        np.testing.assert_allclose(got[..., -1], [[0.0, -0.6, NAN]], atol=1e-6)
+        # No usable reference (length 0): the relative excess is undefined, so the term is NaN (unscorable).
+        np.testing.assert_allclose(got, [[0.0, -0.6], [NAN, NAN]], atol=1e-6)
+        with pytest.raises(ValueError, match="coef"):
+            adv.linear_length_penalty(lengths, 100.0, coef=-1.0)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_linear_penalty_under_grpo_is_subtracted_from_the_sum(self):
@@ -174,8 +222,7 @@ class LengthHandlingTest(chex.TestCase):
         lengths = np.array([[120, 90, 150]])
 
         def penalised(r, lens):
-            with_penalty = adv.linear_length_penalty(r, lens, 100.0, coef=0.01)
-            return adv.grpo_advantages(with_penalty, jnp.ones(3))
+            return adv.grpo_advantages(r, jnp.ones(2), offset=adv.linear_length_penalty(lens, 100.0, coef=0.01))
 
         got = self.variant(penalised)(rewards, lengths)
         summed = rewards.sum(-1) - 0.01 * np.maximum(lengths - 100, 0)
@@ -227,7 +274,8 @@ def _weights(k):
 
 
 # Finite float32 values whose weighted squares cannot overflow, or NaN.
-ANY_REWARD = st.one_of(st.floats(-(2.0**50), 2.0**50, width=32), st.just(NAN))
+FINITE_REWARD = st.floats(-(2.0**50), 2.0**50, width=32)
+ANY_REWARD = st.one_of(FINITE_REWARD, st.just(NAN))
 
 
 @jax.jit
@@ -237,6 +285,7 @@ def every_variant(rewards, weights, token_counts):
         **{f"grpo_{s}": adv.grpo_advantages(rewards, weights, scale=s) for s in ("group", "batch", "none")},
         "grpo_ddof0": adv.grpo_advantages(rewards, weights, ddof=0),
         "grpo_unscorable": adv.grpo_advantages(rewards, weights, partial_nan="unscorable"),
+        "grpo_mean_present": adv.grpo_advantages(rewards, weights, partial_nan="mean_present"),
         "gdpo": adv.gdpo_advantages(rewards, weights),
         "gdpo_ddof0": adv.gdpo_advantages(rewards, weights, ddof=0),
         "gdpo_token": adv.gdpo_advantages(rewards, weights, batch_stats="token", token_counts=token_counts),
@@ -277,7 +326,7 @@ def test_constant_groups_get_zero_advantage(rewards, data):
     constant = data.draw(st.lists(st.booleans(), min_size=rewards.shape[0], max_size=rewards.shape[0]))
     rewards = np.where(np.array(constant)[:, None, None], rewards[:, :1], rewards)
     outputs = every_variant(rewards, _weights(rewards.shape[-1]), _token_counts(rewards))
-    for name in ("grpo_group", "grpo_batch", "grpo_none", "grpo_ddof0", "grpo_unscorable"):
+    for name in ("grpo_group", "grpo_batch", "grpo_none", "grpo_ddof0", "grpo_unscorable", "grpo_mean_present"):
         np.testing.assert_array_equal(np.asarray(outputs[name])[np.array(constant)], 0.0, err_msg=name)
     # GDPO: constant groups have z = 0; batch centring moves them only by the batch mean of s, which is 0 up to
     # rounding because every other group's z sums to 0; an all-constant batch is exactly 0.
@@ -297,6 +346,14 @@ def test_gdpo_batch_mean_zero_std_one(rewards):
     assert abs(out.mean()) < 1e-5
     # std is std_s / (std_s + eps): 1 up to eps / std_s, and std_s >= ~0.1 for rewards on a 1/8 grid.
     assert abs(out.std(ddof=1) - 1.0) < 2e-3
+
+
+@PROPERTY_SETTINGS
+@given(reward_tensors(FINITE_REWARD))
+def test_grpo_partial_nan_modes_agree_exactly_on_fully_scored_samples(rewards):
+    outputs = every_variant(rewards, _weights(rewards.shape[-1]), _token_counts(rewards))
+    np.testing.assert_array_equal(outputs["grpo_mean_present"], outputs["grpo_group"])
+    np.testing.assert_array_equal(outputs["grpo_unscorable"], outputs["grpo_group"])
 
 
 def test_grpo_collapses_where_gdpo_separates_binary_example():

@@ -29,13 +29,16 @@ def test_mask_gates_only_the_linguistic_component_outside_the_band():
     np.testing.assert_array_equal(np.asarray(shaped[:, ~out_of_band, 2]), np.asarray(rewards[:, ~out_of_band, 2]))
 
 
-def test_linear_penalty_appends_a_unit_weight_component_and_none_is_identity():
+def test_linear_penalty_is_a_per_sample_offset_and_none_is_identity():
     rewards = _rewards()
     lengths = jnp.full((3, 4), 40)
     ref = jnp.array([20, 20, 20])
-    shaped, weights = shaping.shape_rewards(rewards, lengths, ref, _cfg(length_kind="linear", length_coef=0.5))
-    assert shaped.shape == (3, 4, 4) and weights.tolist() == [1.0, 1.0, 1.0, 1.0]
-    np.testing.assert_allclose(np.asarray(shaped[..., 3]), -0.5 * (40 / 20 - 1))
+    cfg = _cfg(length_kind="linear", length_coef=0.5)
+    shaped, weights = shaping.shape_rewards(rewards, lengths, ref, cfg)
+    assert shaped.shape == (3, 4, 3) and weights.tolist() == [1.0, 1.0, 1.0]
+    np.testing.assert_array_equal(np.asarray(shaped), np.asarray(rewards))
+    np.testing.assert_allclose(np.asarray(shaping.length_offset(lengths, ref, cfg)), -0.5 * (40 / 20 - 1))
+    assert shaping.length_offset(lengths, ref, _cfg(length_kind="mask")) is None
     same, _ = shaping.shape_rewards(rewards, lengths, ref, _cfg(length_kind="none"))
     np.testing.assert_array_equal(np.asarray(same), np.asarray(rewards))
 
