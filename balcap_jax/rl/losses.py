@@ -162,6 +162,8 @@ class LossConfig:
       "seq-mean-token-sum-norm": mean_b [Σ_t l·m / norm_length]              (Dr. GRPO; no length bias)
       Sequences with no completion tokens are left out of the means.
     norm_length: the constant of "seq-mean-token-sum-norm"; None uses T (the completion buffer length).
+    tis_cap: truncated importance sampling against the sampler/trainer mismatch: 0 (default) is off; C >= 1
+      multiplies each token's policy-gradient loss by min(π_old / π_sampler, C) (see `tis_weights`).
     """
 
     eps_low: float = 0.2
@@ -171,6 +173,7 @@ class LossConfig:
     entropy_coef: float = 0.0
     aggregation: Aggregation = "token-mean"
     norm_length: int | None = None
+    tis_cap: float = 0.0
 
     def __post_init__(self):
         if not 0 <= self.eps_low < 1:
@@ -187,6 +190,9 @@ class LossConfig:
             raise ValueError(f"LossConfig.aggregation must be one of {AGGREGATIONS}; got {self.aggregation!r}.")
         if self.norm_length is not None and self.norm_length < 1:
             raise ValueError(f"LossConfig.norm_length must be None or >= 1; got {self.norm_length}.")
+        # A cap below 1 would down-weight tokens on which sampler and trainer agree; NaN fails both tests.
+        if not (self.tis_cap == 0 or self.tis_cap >= 1):
+            raise ValueError(f"LossConfig.tis_cap must be 0 (off) or >= 1 (e.g. 2.0); got {self.tis_cap}.")
 
 
 def k3_kl(logprobs: Array, ref_logprobs: Array) -> Array:
@@ -225,6 +231,24 @@ def clipped_surrogate(
     cap = -dual_clip * adv
     is_dual_clipped = (adv < 0) & (loss > cap)
     return jnp.where(is_dual_clipped, cap, loss), is_clipped, is_dual_clipped
+
+
+def tis_weights(old_logprobs: Array, sampler_logprobs: Array, mask: Array, cap: float) -> Array:
+    """Truncated importance-sampling weights min(exp(old − sampler), cap), float32[B, T], without gradient.
+
+    old_logprobs: the trainer's log-probs of the sampled tokens before the update (π_old); sampler_logprobs:
+    the sampler's (π_sampler, e.g. a bf16 KV-cache decode); mask: bool[B, T]. The rollouts were drawn from
+    π_sampler, not π_old, so the policy gradient of token t is reweighted by π_old/π_sampler; the cap bounds the
+    variance a token the sampler found unlikely would add. Off the mask the weight is 0, so padding (whose
+    log-probs may be anything, NaN included) can never put NaN · 0 into the loss or its gradient. A NaN log-prob
+    on the mask gives a NaN weight (the update step then skips the batch), never a silent 0 or 1.
+    """
+    chex.assert_equal_shape([old_logprobs, sampler_logprobs, mask])
+    if not cap >= 1:
+        raise ValueError(f"tis_weights needs cap >= 1 (LossConfig.tis_cap); got {cap}.")
+    log_ratio = old_logprobs.astype(jnp.float32) - sampler_logprobs.astype(jnp.float32)
+    weights = jnp.minimum(jnp.exp(jax.lax.stop_gradient(log_ratio)), cap)
+    return jnp.where(mask.astype(bool), weights, 0.0)
 
 
 @struct.dataclass
@@ -287,13 +311,17 @@ class LossDiagnostics:
     kl_sum: Array
     old_kl_sum: Array
     entropy_sum: Array
+    sampler_diff_sum: Array  # Σ |old − sampler| (the trainer's vs the sampler's log-probs)
+    sampler_diff_max: Array
+    tis_weight_sum: Array
+    tis_capped: Array  # tokens whose TIS weight hit the cap
     policy_loss: Array  # the aggregated policy-gradient term, already normalised (adds across micro-batches)
     kl_loss: Array
     entropy_loss: Array
 
     @classmethod
     def empty(cls) -> "LossDiagnostics":
-        """The identity of `merge`: zero sums, extrema at ±inf."""
+        """The identity of `merge`: zero sums, extrema at ±inf (|Δ| >= 0, so its max starts at 0)."""
         zero = jnp.zeros((), jnp.float32)
         fields = {field.name: zero for field in dataclasses.fields(cls)}
         return cls(**{**fields, "ratio_min": jnp.asarray(jnp.inf), "ratio_max": jnp.asarray(-jnp.inf)})
@@ -303,6 +331,7 @@ class LossDiagnostics:
         return merged.replace(
             ratio_min=jnp.minimum(self.ratio_min, other.ratio_min),
             ratio_max=jnp.maximum(self.ratio_max, other.ratio_max),
+            sampler_diff_max=jnp.maximum(self.sampler_diff_max, other.sampler_diff_max),
         )
 
     def summary(self) -> dict[str, Array]:
@@ -319,6 +348,10 @@ class LossDiagnostics:
             "kl": self.kl_sum / tokens,
             "kl_to_old": self.old_kl_sum / tokens,
             "entropy": self.entropy_sum / tokens,
+            "sampler_logprob_diff_mean": self.sampler_diff_sum / tokens,
+            "sampler_logprob_diff_max": self.sampler_diff_max,
+            "tis_weight_mean": jnp.where(any_tokens, self.tis_weight_sum / tokens, 1.0),
+            "tis_capped_fraction": self.tis_capped / tokens,
             "policy_loss": self.policy_loss,
             "kl_loss": self.kl_loss,
             "entropy_loss": self.entropy_loss,
@@ -335,18 +368,24 @@ def policy_loss(
     ref_logprobs: Array | None = None,
     entropy: Array | None = None,
     normaliser: LossNormaliser | None = None,
+    sampler_logprobs: Array | None = None,
 ) -> tuple[Array, LossDiagnostics]:
-    """The full objective: aggregated clipped surrogate + kl_coef · k3 KL − entropy_coef · entropy.
+    """The full objective: aggregated [TIS-weighted] clipped surrogate + kl_coef · k3 KL − entropy_coef · entropy.
 
-    logprobs (differentiated), old_logprobs, ref_logprobs, entropy: float[B, T]; advantages: float[B];
-    mask: bool[B, T]. ref_logprobs is required when config.kl_coef > 0 (and used for the `kl` diagnostic
-    whenever given); entropy is required when config.entropy_coef > 0 (and logged whenever given).
+    logprobs (differentiated), old_logprobs, ref_logprobs, entropy, sampler_logprobs: float[B, T];
+    advantages: float[B]; mask: bool[B, T]. old_logprobs are the trainer's log-probs before the update (the
+    ratio's denominator); sampler_logprobs the sampler's, required when config.tis_cap > 0 (see `tis_weights`)
+    and, whenever given, compared with old_logprobs in the `sampler_logprob_diff_*` diagnostics.
+    ref_logprobs is required when config.kl_coef > 0 (and used for the `kl` diagnostic whenever given); entropy
+    is required when config.entropy_coef > 0 (and logged whenever given).
     `kl_to_old` in the diagnostics is the k3 estimate of KL(π ‖ π_old): how far this update moved the policy.
     Returns (loss scalar, LossDiagnostics). Diagnostics are computed on stopped gradients.
     """
     chex.assert_equal_shape([logprobs, old_logprobs, mask])
     if config.kl_coef > 0 and ref_logprobs is None:
         raise ValueError("LossConfig.kl_coef > 0 needs ref_logprobs[B, T] (batch key 'ref_logprobs').")
+    if config.tis_cap > 0 and sampler_logprobs is None:
+        raise ValueError("LossConfig.tis_cap > 0 needs the sampler's log-probs: pass sampler_logprobs[B, T].")
     if config.entropy_coef > 0 and entropy is None:
         raise ValueError("LossConfig.entropy_coef > 0 needs the per-token entropy[B, T].")
     mask = mask.astype(bool)
@@ -358,6 +397,11 @@ def policy_loss(
         logprobs, old_logprobs, advantages,
         eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip,
     )
+    if config.tis_cap > 0:
+        weights = tis_weights(old_logprobs, sampler_logprobs, mask, config.tis_cap)
+        per_token = per_token * weights
+    else:
+        weights = mask.astype(jnp.float32)
     pg_loss = aggregate(per_token)
     kl = k3_kl(logprobs, ref_logprobs) if ref_logprobs is not None else jnp.zeros_like(per_token)
     kl_loss = aggregate(kl) if config.kl_coef > 0 else jnp.zeros((), jnp.float32)
@@ -367,6 +411,10 @@ def policy_loss(
     sg = jax.lax.stop_gradient
     ratio = jnp.exp(sg(logprobs).astype(jnp.float32) - old_logprobs.astype(jnp.float32))
     masked_sum = lambda x: jnp.sum(jnp.where(mask, x, 0.0).astype(jnp.float32))  # noqa: E731
+    if sampler_logprobs is None:
+        sampler_diff = jnp.zeros_like(ratio)
+    else:
+        sampler_diff = jnp.abs(sg(old_logprobs).astype(jnp.float32) - sampler_logprobs.astype(jnp.float32))
     diagnostics = LossDiagnostics(
         tokens=jnp.sum(mask.astype(jnp.float32)),
         clipped=masked_sum(clipped),
@@ -377,6 +425,10 @@ def policy_loss(
         kl_sum=masked_sum(sg(kl)),
         old_kl_sum=masked_sum(k3_kl(sg(logprobs), old_logprobs)),
         entropy_sum=masked_sum(sg(entropy)) if entropy is not None else jnp.zeros((), jnp.float32),
+        sampler_diff_sum=masked_sum(sampler_diff),
+        sampler_diff_max=jnp.max(jnp.where(mask, sampler_diff, 0.0)),
+        tis_weight_sum=masked_sum(weights),
+        tis_capped=masked_sum(weights >= config.tis_cap) if config.tis_cap > 0 else jnp.zeros((), jnp.float32),
         policy_loss=sg(pg_loss),
         kl_loss=sg(kl_loss),
         entropy_loss=sg(entropy_loss),

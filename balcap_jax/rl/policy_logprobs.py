@@ -25,8 +25,10 @@ Array = jax.Array
 Batch = dict[str, Any]
 LogProbFn = Callable[[Any, Batch], tuple[Array, Array]]
 
+# The trainer's log-probs of a batch before its first update (rl/update.py, old_logprobs="batch").
+TRAINER_LOGPROBS = "trainer_logprobs"
 # Batch keys consumed by the RL loss; every other key is a model input and is passed to `hidden_states` as is.
-RL_KEYS = frozenset({"completion_mask", "old_logprobs", "advantages", "ref_logprobs"})
+RL_KEYS = frozenset({"completion_mask", "old_logprobs", "advantages", "ref_logprobs", TRAINER_LOGPROBS})
 
 
 def model_inputs(batch: Batch) -> Batch:

@@ -5,10 +5,25 @@ The batch is a dict of arrays (B sequences, T tokens, T_c <= T scored trailing p
   "attention_mask"  bool[B, T]
   "positions"       int32[B, T] or int32[3, B, T] (M-RoPE)
   "completion_mask" bool[B, T_c]    True on generated tokens that carry loss (aligned with input_ids[:, -T_c:])
-  "old_logprobs"    float32[B, T_c] log-probs of the sampled tokens under the sampling policy (same temperature)
+  "old_logprobs"    float32[B, T_c] the *sampler's* log-probs of the sampled tokens (same temperature), as
+                    `sampling/rollout.build_training_batch` writes them; used for TIS and the mismatch metrics only
   "advantages"      float32[B]      one per sequence (rl/advantages.py flattened over [P, G])
-  "ref_logprobs"    float32[B, T_c] optional; required when LossConfig.kl_coef > 0
+  "trainer_logprobs" float32[B, T_c] required when old_logprobs="batch": the trainer's log-probs under the
+                    params before this batch's first update (`make_batch_logprobs`)
+  "ref_logprobs"    float32[B, T_c] optional; required when LossConfig.kl_coef > 0 (`make_batch_logprobs` on a
+                    `frozen_reference` of the initial policy)
   anything else     model inputs passed through to `hidden_states` (e.g. "vision")
+
+The importance ratio is never taken against the sampler: a bf16 sampler (bf16 KV cache, one token at a time)
+and the trainer's full forward disagree, so such a ratio is not 1 at the first update, clips tokens for nothing,
+and makes clip_fraction / kl_to_old measure that mismatch instead of the update. Its denominator π_old is
+  old_logprobs="current": the stop-gradient of this pass's own log-probs (ratio exactly 1; no extra forward).
+                          Right for one update per batch, where π_old is the policy being differentiated.
+  old_logprobs="batch":   batch["trainer_logprobs"], computed once before the batch's first update
+                          (`make_batch_logprobs`). Needed for more updates per batch, where π_old must stay
+                          fixed while the policy moves.
+The sampler's log-probs enter only through LossConfig.tis_cap (truncated importance sampling) and the metrics
+sampler_logprob_diff_mean / _max: |π_old − π_sampler| in log space over completion tokens.
 
 Nothing here names a mesh axis: shard the batch and the state however you like (e.g. batch over
 ('data', 'fsdp'), params replicated or FSDP-sharded) and XLA keeps that layout; results match one device up to
@@ -26,12 +41,15 @@ import optax
 from flax import struct
 
 from balcap_jax.rl.losses import LossConfig, LossDiagnostics, LossNormaliser, policy_loss
-from balcap_jax.rl.policy_logprobs import LogProbFn, num_scored_positions
+from balcap_jax.rl.policy_logprobs import TRAINER_LOGPROBS, LogProbFn, num_scored_positions
 
 Array = jax.Array
 Batch = dict[str, Any]
 Metrics = dict[str, Array]
 UpdateStep = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
+BatchLogProbs = Callable[[Any, Batch], Array]
+OldLogprobs = Literal["current", "batch"]
+OLD_LOGPROBS_MODES: tuple[str, ...] = ("current", "batch")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,16 +196,21 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
     return jax.tree_util.tree_map_with_path(split, batch)
 
 
-def _check_batch(batch: Batch, loss_config: LossConfig) -> None:
+def _check_batch(batch: Batch, loss_config: LossConfig, old_logprobs: OldLogprobs) -> None:
     missing = [key for key in REQUIRED_KEYS if key not in batch]
     if loss_config.kl_coef > 0 and "ref_logprobs" not in batch:
-        missing.append("ref_logprobs (needed because LossConfig.kl_coef > 0)")
+        missing.append("ref_logprobs (needed because LossConfig.kl_coef > 0; compute it with make_batch_logprobs "
+                       "on a frozen_reference of the initial policy)")
+    if old_logprobs == "batch" and TRAINER_LOGPROBS not in batch:
+        missing.append(f"{TRAINER_LOGPROBS} (needed because old_logprobs='batch'; compute it once per batch, before "
+                       "its first update, with make_batch_logprobs(log_prob_fn)(state.params, batch))")
     if missing:
         raise ValueError(f"update batch is missing keys {missing}; see balcap_jax/rl/update.py for the layout.")
     size, scored = batch["input_ids"].shape[0], num_scored_positions(batch)
     expected = {"completion_mask": (size, scored), "old_logprobs": (size, scored), "advantages": (size,)}
-    if "ref_logprobs" in batch:
-        expected["ref_logprobs"] = (size, scored)
+    for key in ("ref_logprobs", TRAINER_LOGPROBS):
+        if key in batch:
+            expected[key] = (size, scored)
     for key, shape in expected.items():
         if tuple(batch[key].shape) != shape:
             raise ValueError(
@@ -214,6 +237,7 @@ def make_update_step(
     micro_batches: int = 1,
     donate: bool = True,
     learning_rate_fn: optax.Schedule | None = None,
+    old_logprobs: OldLogprobs = "current",
 ) -> UpdateStep:
     """Build the jitted update `(state, batch) -> (state, metrics)`.
 
@@ -224,6 +248,8 @@ def make_update_step(
       normalised by the whole batch's token/sequence count, so any micro_batches gives the same update.
     donate: donate the input state's buffers to the output (the caller must not reuse the old state).
     learning_rate_fn: the optimizer's schedule, only to report "learning_rate" in the metrics.
+    old_logprobs: the ratio's denominator π_old (see the module docstring): "current" for one update per
+      batch, "batch" (batch["trainer_logprobs"]) for more.
 
     A step whose loss or gradient is not finite leaves params and opt_state untouched, increments
     `skipped_steps`, and reports skipped = 1. metrics are float32 scalars: loss, grad_norm (before clipping),
@@ -231,18 +257,28 @@ def make_update_step(
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1; got {micro_batches}.")
+    if old_logprobs not in OLD_LOGPROBS_MODES:
+        raise ValueError(
+            f"old_logprobs must be one of {OLD_LOGPROBS_MODES}; got {old_logprobs!r}. Use 'current' with one update "
+            "per batch and 'batch' (with batch['trainer_logprobs']) with more."
+        )
 
     def micro_loss(params: Any, batch: Batch, normaliser: LossNormaliser) -> tuple[Array, LossDiagnostics]:
         logprobs, entropy = log_prob_fn(params, batch)
+        if old_logprobs == "current":
+            proximal = jax.lax.stop_gradient(logprobs)
+        else:
+            proximal = batch[TRAINER_LOGPROBS]
         return policy_loss(
             logprobs,
-            batch["old_logprobs"],
+            proximal,
             batch["advantages"],
             batch["completion_mask"],
             loss_config,
             ref_logprobs=batch.get("ref_logprobs"),
             entropy=entropy,
             normaliser=normaliser,
+            sampler_logprobs=batch["old_logprobs"],
         )
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -270,7 +306,7 @@ def make_update_step(
         return loss, grads, diagnostics
 
     def update_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        _check_batch(batch, loss_config)
+        _check_batch(batch, loss_config, old_logprobs)
         loss, grads, diagnostics = accumulated_grads(state.params, batch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & _tree_all_finite(grads)
@@ -300,3 +336,48 @@ def make_update_step(
         return new_state, metrics
 
     return jax.jit(update_step, donate_argnums=(0,) if donate else ())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probs outside the update: π_old for old_logprobs="batch", π_ref for the KL
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_batch_logprobs(log_prob_fn: LogProbFn, *, micro_batches: int = 1) -> BatchLogProbs:
+    """Build the jitted `(params, batch) -> logprobs float32[B, T_c]`: a forward pass, no gradient.
+
+    With the policy's params before a batch's first update it gives batch["trainer_logprobs"]
+    (old_logprobs="batch"); with a `frozen_reference` it gives batch["ref_logprobs"]. It runs the update's own
+    log_prob_fn, but as a separately compiled program: in fp32 it matches the update's forward to ~1e-6, in bf16
+    only up to rounding that fuses differently (up to ~0.04 nats measured on tiny LLaVA, CPU), which the first
+    "batch"-mode update of each batch shows as ratio_min / ratio_max != 1. micro_batches: run the forward over
+    this many strided micro-batches in a `lax.map` (as the update splits them) to bound activation memory; rows
+    come back in the batch's order.
+    """
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1; got {micro_batches}.")
+
+    def batch_logprobs(params: Any, batch: Batch) -> Array:
+        if micro_batches == 1:
+            return log_prob_fn(params, batch)[0]
+        size = batch["input_ids"].shape[0]
+        per_micro = jax.lax.map(lambda micro: log_prob_fn(params, micro)[0], split_micro_batches(batch, micro_batches))
+        # Micro-batch m holds rows m, m + M, ...: [M, B / M, T_c] -> [B / M, M, T_c] puts row i·M + m at i·M + m.
+        return jnp.moveaxis(per_micro, 0, 1).reshape(size, per_micro.shape[-1])
+
+    return jax.jit(batch_logprobs)
+
+
+def frozen_reference(params: Any, dtype: Any = None) -> Any:
+    """A copy of `params` for the KL reference π_ref, e.g. `frozen_reference(state.params, jnp.bfloat16)` at the
+    start of RL.
+
+    Floating leaves are cast to `dtype` (None keeps theirs); every leaf is a new buffer, so donating the train
+    state to the update (which deletes its buffers) can never delete the reference. Shardings are kept.
+    """
+
+    def freeze(leaf: Array) -> Array:
+        cast = leaf.astype(dtype) if dtype is not None and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+        return jnp.copy(leaf) if cast is leaf else cast
+
+    return jax.tree.map(freeze, params)

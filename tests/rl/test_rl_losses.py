@@ -263,15 +263,17 @@ class PolicyLossTest(chex.TestCase):
 
     def test_diagnostics_merge_equals_full_batch(self):
         logprobs, old, advantages, mask, ref, entropy = self._case()
-        config = losses.LossConfig(kl_coef=0.1)
+        sampler = TisTest._sampler(old)
+        config = losses.LossConfig(kl_coef=0.1, tis_cap=1.5)
         normaliser = losses.LossNormaliser.from_mask(mask)
         parts = [
             losses.policy_loss(logprobs[i::2], old[i::2], advantages[i::2], mask[i::2], config,
-                               ref_logprobs=ref[i::2], entropy=entropy[i::2], normaliser=normaliser)
+                               ref_logprobs=ref[i::2], entropy=entropy[i::2], normaliser=normaliser,
+                               sampler_logprobs=sampler[i::2])
             for i in range(2)
         ]
         full_loss, full = losses.policy_loss(logprobs, old, advantages, mask, config, ref_logprobs=ref,
-                                             entropy=entropy)
+                                             entropy=entropy, sampler_logprobs=sampler)
         merged = parts[0][1].merge(parts[1][1])
         np.testing.assert_allclose(parts[0][0] + parts[1][0], full_loss, rtol=1e-6)
         for key, value in full.summary().items():
@@ -290,11 +292,103 @@ class PolicyLossTest(chex.TestCase):
             losses.policy_loss(logprobs, old, advantages, mask, losses.LossConfig(kl_coef=0.1))
         with pytest.raises(ValueError, match="entropy"):
             losses.policy_loss(logprobs, old, advantages, mask, losses.LossConfig(entropy_coef=0.1))
+        with pytest.raises(ValueError, match="tis_cap > 0 needs the sampler's log-probs"):
+            losses.policy_loss(logprobs, old, advantages, mask, losses.LossConfig(tis_cap=2.0))
 
     @parameterized.parameters(
         dict(eps_low=1.0), dict(eps_high=-0.1), dict(dual_clip=0.5), dict(kl_coef=-1.0),
-        dict(aggregation="mean"), dict(norm_length=0),
+        dict(aggregation="mean"), dict(norm_length=0), dict(tis_cap=0.5), dict(tis_cap=-1.0),
+        dict(tis_cap=float("nan")),
     )
     def test_config_validation_names_the_field(self, **kwargs):
         with pytest.raises(ValueError, match=f"LossConfig.{next(iter(kwargs))}"):
             losses.LossConfig(**kwargs)
+
+
+class TisTest(chex.TestCase):
+    """Truncated importance sampling: weights min(π_old / π_sampler, C) on the policy-gradient term."""
+
+    CAP = 1.5
+
+    @staticmethod
+    def _sampler(old):
+        """The sampler's log-probs: the trainer's (old) off by a bf16-sized-and-worse error, 0 where it pads."""
+        noise = np.random.default_rng(3).normal(0, 0.6, old.shape)
+        return (old + noise).astype(np.float32)
+
+    def _case(self):
+        logprobs, old, advantages, mask, ref, entropy = PolicyLossTest._case(None)
+        return logprobs, old, self._sampler(old), advantages, mask
+
+    def _hand_weights(self, old, sampler, mask):
+        weights = np.where(mask, np.minimum(np.exp(old.astype(np.float64) - sampler), self.CAP), 0.0)
+        capped, uncapped = mask & (weights == self.CAP), mask & (weights < self.CAP)
+        assert capped.any() and uncapped.any(), "the case must exercise both sides of the cap"
+        return weights
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_weights_match_hand_computation(self):
+        _, old, sampler, _, mask = self._case()
+        weights = self.variant(functools.partial(losses.tis_weights, cap=self.CAP))(old, sampler, mask)
+        np.testing.assert_allclose(weights, self._hand_weights(old, sampler, mask), rtol=1e-6)
+        with pytest.raises(ValueError, match="tis_cap"):
+            losses.tis_weights(old, sampler, mask, cap=0.0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_weighted_loss_and_gradient_at_ratio_one(self):
+        # As the update's old_logprobs="current" calls it: π_old = stop_gradient(π), so r = 1 and the gradient of
+        # token t is −A · w_t / N with w_t = min(exp(lp − sampler), C), the weight carrying no gradient itself.
+        logprobs, _, sampler, advantages, mask = self._case()
+        config = losses.LossConfig(tis_cap=self.CAP)
+
+        def loss_fn(lp):
+            return losses.policy_loss(lp, jax.lax.stop_gradient(lp), advantages, mask, config,
+                                      sampler_logprobs=sampler)
+
+        (loss, diag), grads = self.variant(jax.value_and_grad(loss_fn, has_aux=True))(logprobs)
+        weights = self._hand_weights(logprobs, sampler, mask)
+        tokens = mask.sum()
+        np.testing.assert_allclose(loss, np.sum(-advantages[:, None] * weights) / tokens, rtol=1e-5)
+        np.testing.assert_allclose(grads, -advantages[:, None] * weights / tokens, rtol=1e-6, atol=1e-9)
+        summary = diag.summary()
+        np.testing.assert_allclose(summary["tis_weight_mean"], weights[mask].mean(), rtol=1e-6)
+        np.testing.assert_allclose(summary["tis_capped_fraction"], (weights[mask] == self.CAP).mean(), rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_weights_multiply_the_clipped_surrogate_and_diagnostics_measure_the_mismatch(self):
+        logprobs, old, sampler, advantages, mask = self._case()
+        config = losses.LossConfig(eps_low=0.2, eps_high=0.28, dual_clip=3.0, tis_cap=self.CAP)
+        loss, diag = self.variant(functools.partial(losses.policy_loss, config=config))(
+            logprobs, old, advantages, mask, sampler_logprobs=sampler
+        )
+        ratio = np.exp(logprobs.astype(np.float64) - old)
+        a = advantages[:, None].astype(np.float64)
+        surrogate = np.maximum(-a * ratio, -a * np.clip(ratio, 0.8, 1.28))
+        surrogate = np.where((a < 0) & (surrogate > -3.0 * a), -3.0 * a, surrogate)
+        weights = self._hand_weights(old, sampler, mask)
+        np.testing.assert_allclose(loss, np.sum(np.where(mask, surrogate * weights, 0.0)) / mask.sum(), rtol=1e-5)
+        diff = np.abs(old.astype(np.float64) - sampler)[mask]
+        summary = diag.summary()
+        np.testing.assert_allclose(summary["sampler_logprob_diff_mean"], diff.mean(), rtol=1e-6)
+        np.testing.assert_allclose(summary["sampler_logprob_diff_max"], diff.max(), rtol=1e-6)
+        # Without TIS the same mismatch is still reported and the loss is the plain surrogate.
+        plain_loss, plain = losses.policy_loss(logprobs, old, advantages, mask, losses.LossConfig(
+            eps_low=0.2, eps_high=0.28, dual_clip=3.0), sampler_logprobs=sampler)
+        np.testing.assert_allclose(plain_loss, np.sum(np.where(mask, surrogate, 0.0)) / mask.sum(), rtol=1e-5)
+        np.testing.assert_allclose(plain.summary()["sampler_logprob_diff_max"], diff.max(), rtol=1e-6)
+        np.testing.assert_allclose(plain.summary()["tis_weight_mean"], 1.0)
+
+    def test_nan_sampler_logprobs_poison_only_the_tokens_they_are_on(self):
+        logprobs, old, sampler, advantages, mask = self._case()
+        config = losses.LossConfig(tis_cap=self.CAP)
+        grad_fn = jax.jit(jax.value_and_grad(
+            lambda lp, s: losses.policy_loss(lp, old, advantages, mask, config, sampler_logprobs=s)[0]
+        ))
+        padded = np.where(mask, sampler, np.nan).astype(np.float32)
+        loss, grads = grad_fn(logprobs, padded)
+        assert np.isfinite(loss) and np.all(np.isfinite(grads)), "NaN padding must not reach the loss or gradient"
+        np.testing.assert_allclose(loss, grad_fn(logprobs, sampler)[0], rtol=1e-6)
+        scored = np.argwhere(mask)[0]
+        unscorable = sampler.copy()
+        unscorable[tuple(scored)] = np.nan
+        assert np.isnan(grad_fn(logprobs, unscorable)[0]), "a NaN log-prob on a completion token is never a 0 weight"
