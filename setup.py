@@ -32,6 +32,8 @@ TEST = [
     "torch==2.13.0",  # parity references; this pin resolves to the CPU-only wheel
     "trl==1.16.*",  # golden GRPO/GDPO numbers (the test reads its advantage code) and the RL-step race
     "scikit-image>=0.24",  # ships real sample photographs for processor parity tests
+    "gguf>=0.17",  # transformers dequantises the SmolLM2 GGUF (tests/models/smollm2_fixture.py)
+    "accelerate>=1.0",  # transformers' GGUF loading path
 ]
 
 setup(

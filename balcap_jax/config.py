@@ -96,6 +96,7 @@ class Field:
     low_open: bool = False
     high_open: bool = False
     optional: bool = False
+    allow_nan: bool = False
 
     def check(self, value: Any) -> list[str]:
         name = f"config.{self.path}={_fmt(value)}"
@@ -120,8 +121,10 @@ def _check_scalar(name: str, value: Any, kind: str, field: Field) -> list[str]:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return [f"{name} is not allowed; allowed values: {allowed}{hint}"]
     if kind in ("int", "float"):
+        if isinstance(value, float) and math.isnan(value) and field.allow_nan:
+            return []  # NaN means "unscorable" here, and no bound applies to it
         if isinstance(value, float) and not math.isfinite(value):
-            return [f"{name} must be finite ({field.doc})"]
+            return [f"{name} must be finite{' or NaN' if field.allow_nan else ''} ({field.doc})"]
         if field.low is not None and (value <= field.low if field.low_open else value < field.low):
             return [f"{name} must be {'>' if field.low_open else '>='} {field.low} ({field.doc})"]
         if field.high is not None and (value >= field.high if field.high_open else value > field.high):
@@ -142,6 +145,15 @@ SCHEMA: tuple[Field, ...] = (
     _f("model.param_dtype", "str", "parameter dtype", choices=DTYPES),
     _f("model.remat", "bool", "recompute layer activations in the backward pass (real-scale recipes)", optional=True),
     _f("model.release", "str", "released checkpoint whose shapes AOT tools use when hf_dir is unset", optional=True),
+    # processes (multi-host); absent or num_processes <= 1: one process
+    _f("distributed.num_processes", "int", "JAX processes in the run (one per host); 0 or 1 = single process",
+       low=0, optional=True),
+    _f("distributed.process_id", "int", "this process's rank in [0, num_processes)", low=0, optional=True),
+    _f("distributed.coordinator_address", "str", "'host:port' of process 0", optional=True),
+    _f("distributed.local_device_ids", "int_tuple", "devices this process drives; empty = all local", low=0,
+       optional=True),
+    _f("distributed.auto_detect", "bool", "let JAX detect the cluster (TPU pods, SLURM) instead of the fields above",
+       optional=True),
     # mesh
     _f("mesh.data", "int", "data-parallel axis size (-1 = all remaining devices)", low=-1),
     _f("mesh.fsdp", "int", "FSDP axis size (-1 = all remaining devices)", low=-1),
@@ -150,6 +162,12 @@ SCHEMA: tuple[Field, ...] = (
     _f("data.source", "str", "where images and references come from", choices=DATA_SOURCES),
     _f("data.manifest", "str", "JSONL manifest path (data.source='manifest')"),
     _f("data.records_dir", "str", "array_record directory; empty = <workdir>/data"),
+    _f("data.eval_manifest", "str", "JSONL manifest of the held-out evaluation images (data.source='manifest')",
+       optional=True),
+    _f("data.eval_fraction", "float", "held-out fraction of data.manifest evaluated on when no eval_manifest is "
+       "given (seeded by config.seed); 0 = no evaluation", low=0, high=1, high_open=True, optional=True),
+    _f("data.loader_shards", "int", "disjoint data streams a global batch is read in (0 = one per process); keep "
+       "it fixed to reproduce a run on another process count", low=0, optional=True),
     _f("data.prompts_per_batch", "int", "P: images per RL batch, global across hosts", low=1),
     _f("data.prompt", "str", "the captioning instruction"),
     _f("data.prompt_buckets", "int_tuple", "padded prompt lengths, ascending", low=1),
@@ -169,22 +187,34 @@ SCHEMA: tuple[Field, ...] = (
     _f("rewards.judge.max_concurrency", "int", "judge requests in flight", low=1),
     _f("rewards.judge.timeout_s", "float", "per-request timeout", low=0, low_open=True),
     _f("rewards.judge.max_retries", "int", "retries per judge request", low=0),
+    _f("rewards.judge.image_max_side", "int", "longest side (px) of images sent to HTTP judges; 0 keeps the size",
+       low=0, optional=True),
+    _f("rewards.judge.response_format", "str", "how each prompt's JSON Schema is sent to HTTP judges",
+       choices=("json_schema", "json_object", "none"), optional=True),
     # advantages, length handling, loss
     _f("advantage.kind", "str", "advantage estimator", choices=ADVANTAGE_KINDS),
     _f("advantage.eps", "float", "std floor in the normalisations", low=0, low_open=True),
     _f("advantage.ddof", "int", "std degrees of freedom (1 = unbiased, TRL)", choices=(0, 1)),
     _f("advantage.batch_stats", "str", "batch normalisation statistics over samples or tokens", choices=BATCH_STATS),
+    _f("advantage.partial_nan", "str", "how GRPO scores a sample with some unscorable components: 'mean_present' "
+       "never reads one as 0, 'sum_present' is TRL's (reads it as 0), 'unscorable' drops the sample",
+       choices=("mean_present", "sum_present", "unscorable"), optional=True),
     _f("length.kind", "str", "length handling", choices=LENGTH_KINDS),
     _f("length.component", "str", "the component gated by the length mask", choices=REWARD_COMPONENTS),
     _f("length.ratio_min", "float", "lowest allowed caption/reference length ratio", low=0),
     _f("length.ratio_max", "float", "highest allowed caption/reference length ratio", low=0, low_open=True),
-    _f("length.masked_value", "float", "value a gated component takes outside the band"),
-    _f("length.coef", "float", "linear length penalty per token over the target", low=0),
+    _f("length.masked_value", "float", "value a gated component takes outside the band; NaN makes it unscorable "
+       "(left out of the statistics) instead of penalised", allow_nan=True),
+    _f("length.coef", "float", "linear length penalty λ per unit of relative excess max(0, ρ − 1), subtracted from "
+       "the score before normalisation", low=0),
     _f("loss.eps_low", "float", "lower clip of the importance ratio: 1 - eps_low", low=0, high=1, high_open=True),
     _f("loss.eps_high", "float", "upper clip of the importance ratio: 1 + eps_high", low=0),
     _f("loss.dual_clip", "float", "dual-clip constant c > 1; 0 disables", low=0),
     _f("loss.kl_coef", "float", "k3 KL coefficient to the reference policy; 0 needs no reference", low=0),
     _f("loss.aggregation", "str", "how per-token losses are reduced", choices=LOSS_AGGREGATIONS),
+    _f("loss.tis_cap", "float", "truncated importance sampling: each token's policy-gradient loss is weighted by "
+       "min(pi_trainer / pi_sampler, C) against sampler/trainer mismatch (e.g. 2.0 with bf16 sampling); 0 disables",
+       low=0, optional=True),
     # optimisation and loop
     _f("optim.lr", "float", "peak learning rate", low=0, low_open=True),
     _f("optim.warmup_steps", "int", "linear warm-up steps", low=0),
@@ -199,7 +229,14 @@ SCHEMA: tuple[Field, ...] = (
     _f("train.sft_steps", "int", "supervised warm-start steps; 0 skips SFT", low=0),
     _f("train.sft_batch_size", "int", "SFT batch size, global", low=1),
     _f("train.sft_lr", "float", "SFT learning rate", low=0, low_open=True),
-    _f("checkpoint.every_steps", "int", "save every N RL steps; 0 = only on preemption and at the end", low=0),
+    _f("train.compile_cache_dir", "str", "persistent XLA compilation cache; '' = <workdir>/compile_cache, 'off' "
+       "disables", optional=True),
+    _f("eval.max_images", "int", "held-out images evaluated (whole batches); 0 = the whole split", low=0,
+       optional=True),
+    _f("eval.batch_size", "int", "greedy captions per evaluation batch, global; 0 = prompts_per_batch * group_size",
+       low=0, optional=True),
+    _f("checkpoint.every_steps", "int", "save every N steps (SFT and RL steps alike); 0 = only on preemption and at "
+       "the end", low=0),
     _f("checkpoint.keep", "int", "checkpoints kept (most recent)", low=1),
     _f("checkpoint.export_hf", "bool", "export the final policy as HF safetensors"),
     _f("metrics.log_every", "int", "scalar logging interval", low=1),
@@ -300,10 +337,87 @@ def _length_rule(c: Any, env: Environment) -> list[str]:
 
 
 def _loss_rule(c: Any, env: Environment) -> list[str]:
+    problems = []
     dual = get_field(c, "loss.dual_clip")
     if isinstance(dual, (int, float)) and dual != 0 and dual <= 1:
-        return [f"config.loss.dual_clip={dual!r} must be 0 (off) or > 1 (e.g. 3.0)"]
-    return []
+        problems.append(f"config.loss.dual_clip={dual!r} must be 0 (off) or > 1 (e.g. 3.0)")
+    tis = get_field(c, "loss.tis_cap", 0.0)
+    if isinstance(tis, (int, float)) and 0 < tis < 1:
+        problems.append(f"config.loss.tis_cap={tis!r} must be 0 (off) or >= 1 (e.g. 2.0)")
+    return problems
+
+
+def _loss_features_rule(c: Any, env: Environment) -> list[str]:
+    problems = []
+    micro = get_field(c, "train.micro_batches")
+    if get_field(c, "model.name") == "qwen2_5_vl" and isinstance(micro, int) and micro > 1:
+        problems.append(
+            f"config.train.micro_batches={micro}: Qwen2.5-VL batches carry one flat patch sequence for all their "
+            "images, which cannot be split into micro-batches yet; set train.micro_batches=1 and lower "
+            "data.prompts_per_batch (or add devices) to fit memory"
+        )
+    return problems
+
+
+def max_patches_per_image(max_pixels: int, patch_size: int = 14, merge_size: int = 2) -> int:
+    """The most vision patches one image resized under `max_pixels` can have (Qwen2.5-VL smart resize rounds
+    each side to a multiple of patch_size * merge_size, keeping the area <= max_pixels)."""
+    unit = patch_size * merge_size
+    return (max_pixels // (unit * unit)) * merge_size * merge_size
+
+
+def _vision_bucket_rule(c: Any, env: Environment) -> list[str]:
+    """Every batch's images must fit the largest vision patch bucket (they are encoded as one flat sequence)."""
+    if get_field(c, "model.name") != "qwen2_5_vl":
+        return []
+    from balcap_jax.models.qwen2_5_vl.vision_host import DEFAULT_PATCH_BUCKETS
+
+    per_image = max_patches_per_image(int(get_field(c, "data.max_pixels")))
+    largest = DEFAULT_PATCH_BUCKETS[-1]
+    prompts, group = int(get_field(c, "data.prompts_per_batch")), int(get_field(c, "sampling.group_size"))
+    eval_batch = int(get_field(c, "eval.batch_size", 0) or 0) or prompts * group
+    batches = {"data.prompts_per_batch": prompts, "eval.batch_size": eval_batch}
+    if int(get_field(c, "train.sft_steps")) > 0:
+        batches["train.sft_batch_size"] = int(get_field(c, "train.sft_batch_size"))
+    problems = []
+    for name, images in batches.items():
+        if images * per_image > largest:
+            fit = max(largest // per_image, 1)
+            problems.append(
+                f"config.{name}={images}: {images} images of up to {per_image} patches (data.max_pixels="
+                f"{get_field(c, 'data.max_pixels')}) can exceed the largest vision bucket of {largest} patches; "
+                f"use at most {fit} images per batch or lower data.max_pixels"
+            )
+    return problems
+
+
+def _distributed_rule(c: Any, env: Environment) -> list[str]:
+    n = get_field(c, "distributed.num_processes", 0) or 0
+    if get_field(c, "distributed.auto_detect", False) or n <= 1:
+        return []
+    problems = []
+    pid = get_field(c, "distributed.process_id", None)
+    if pid is None or not 0 <= pid < n:
+        problems.append(f"config.distributed.process_id={pid!r} must be this process's rank in [0, {n})")
+    address = get_field(c, "distributed.coordinator_address", "")
+    if not address or ":" not in address:
+        problems.append(
+            f"config.distributed.coordinator_address={address!r}: set it to 'host:port' of process 0 (or set "
+            "distributed.auto_detect=True on a TPU pod or SLURM allocation)"
+        )
+    return problems
+
+
+def _eval_rule(c: Any, env: Environment) -> list[str]:
+    if get_field(c, "data.source") != "manifest":
+        return []
+    eval_manifest = get_field(c, "data.eval_manifest", "")
+    problems = []
+    if eval_manifest and env.check_paths and not Path(eval_manifest).expanduser().is_file():
+        problems.append(f"config.data.eval_manifest={eval_manifest!r} does not exist")
+    if eval_manifest and get_field(c, "data.eval_fraction", 0.0):
+        problems.append("config.data.eval_manifest and data.eval_fraction are both set; choose one held-out split")
+    return problems
 
 
 def _pixels_rule(c: Any, env: Environment) -> list[str]:
@@ -337,10 +451,27 @@ def _mesh_rule(c: Any, env: Environment) -> list[str]:
             f"config.data.prompts_per_batch={prompts} is not divisible by the {shards} batch shards of the mesh "
             f"(mesh.data*mesh.fsdp = {data}*{fsdp}); use a multiple of {shards}"
         )
-    if prompts % env.process_count:
+    requested = get_field(c, "data.loader_shards", 0) or 0
+    loaders = requested or env.process_count
+    if loaders % env.process_count:
         problems.append(
-            f"config.data.prompts_per_batch={prompts} is not divisible by the {env.process_count} processes; "
-            f"each host loads an equal share, so use a multiple of {env.process_count}"
+            f"config.data.loader_shards={requested} does not divide over the {env.process_count} processes; use a "
+            f"multiple of {env.process_count} (or 0 for one stream per process)"
+        )
+    eval_batch = get_field(c, "eval.batch_size", 0) or 0
+    batches = {"data.prompts_per_batch": prompts, "eval.batch_size": eval_batch or prompts * group}
+    if get_field(c, "train.sft_steps") > 0:
+        batches["train.sft_batch_size"] = sft_batch
+    for name, size in batches.items():
+        if size % loaders:
+            problems.append(
+                f"config.{name}={size} is not divisible by the {loaders} data streams (data.loader_shards, or one "
+                f"per process); each stream loads an equal share, so use a multiple of {loaders}"
+            )
+    if (eval_batch or prompts * group) % shards:
+        problems.append(
+            f"config.eval.batch_size={eval_batch or prompts * group} is not divisible by the {shards} batch shards "
+            f"of the mesh; use a multiple of {shards}"
         )
     sequences = prompts * group
     if sequences % micro or (sequences // micro) % shards:
@@ -413,6 +544,10 @@ RULES: tuple[Rule, ...] = (
     _rewards_rule,
     _length_rule,
     _loss_rule,
+    _loss_features_rule,
+    _vision_bucket_rule,
+    _distributed_rule,
+    _eval_rule,
     _pixels_rule,
     _mesh_rule,
     _paths_rule,

@@ -36,12 +36,20 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    # FSDP over however many local devices there are (1 on a laptop, 8 on a TPU VM or a GPU box).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # Multi-host: one process per host (README, "Launching on pods and clusters"); 0 = single process.
+    c.distributed = ml_collections.ConfigDict(
+        dict(num_processes=0, process_id=0, coordinator_address="", local_device_ids=(), auto_detect=False)
+    )
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "shapes_world"  # shapes_world | manifest
     c.data.manifest = ""  # JSONL manifest (source == manifest)
     c.data.records_dir = ""  # where array_record files are written/read; empty -> <workdir>/data
+    c.data.eval_manifest = ""  # manifests: JSONL of held-out images; or eval_fraction of the manifest
+    c.data.eval_fraction = 0.0
+    c.data.loader_shards = 0  # data streams per global batch; 0 = one per process (fix it to compare process counts)
     c.data.prompts_per_batch = 8  # P: images per RL batch (global, across hosts)
     c.data.prompt = "Describe the image in detail."
     c.data.prompt_buckets = (64, 128, 256)
@@ -71,11 +79,13 @@ def get_config() -> ml_collections.ConfigDict:
             max_concurrency=64,
             timeout_s=60.0,
             max_retries=4,
+            image_max_side=1024,  # longest side of images sent to HTTP judges; 0 keeps the size
+            response_format="json_schema",  # json_schema | json_object | none (servers rejecting response_format)
         )
     )
 
     c.advantage = ml_collections.ConfigDict(
-        dict(kind="gdpo", eps=1e-4, ddof=1, batch_stats="sample")  # kind: grpo | gdpo
+        dict(kind="gdpo", eps=1e-4, ddof=1, batch_stats="sample", partial_nan="mean_present")  # kind: grpo | gdpo
     )
     c.length = ml_collections.ConfigDict(
         dict(
@@ -91,14 +101,16 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     c.loss = ml_collections.ConfigDict(
-        dict(eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl_coef=0.0, aggregation="token-mean")
+        dict(eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl_coef=0.0, aggregation="token-mean", tis_cap=0.0)
     )
     c.optim = ml_collections.ConfigDict(
         dict(lr=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999)
     )
     c.train = ml_collections.ConfigDict(
-        dict(rl_steps=300, updates_per_batch=1, micro_batches=1, sft_steps=1500, sft_batch_size=16, sft_lr=3e-3)
+        dict(rl_steps=300, updates_per_batch=1, micro_batches=1, sft_steps=1500, sft_batch_size=16, sft_lr=3e-3,
+             compile_cache_dir="")  # '' = <workdir>/compile_cache
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=250, keep=2, export_hf=True))
     c.metrics = ml_collections.ConfigDict(dict(log_every=50, sample_every=25, eval_every=0))
+    c.eval = ml_collections.ConfigDict(dict(max_images=0, batch_size=0))  # 0: the whole split, P*G per batch
     return c

@@ -31,17 +31,42 @@ def main(argv) -> int:
 
     config = flags.FLAGS.config
     try:
+        # Before anything touches a JAX backend: validation asks JAX for the device count.
+        distributed = initialize_from_config(config)
+    except ValueError as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        return 2
+    try:
         config_lib.validate(config)
     except config_lib.ConfigError as e:
         print(f"invalid config: {e}", file=sys.stderr)
         return 2
+    if distributed and not flags.FLAGS.workdir:
+        print("invalid config: a multi-process run needs --workdir (the same directory on every process)",
+              file=sys.stderr)
+        return 2
     workdir = flags.FLAGS.workdir or tempfile.mkdtemp(prefix="balcap_")
-    print(f"workdir: {workdir}", flush=True)
+    import jax
+
+    chief = jax.process_index() == 0
+    cache = config.train.get("compile_cache_dir", "")
+    if cache != "off":  # a restarted or resumed run loads its compiled programs instead of recompiling them
+        jax.config.update("jax_compilation_cache_dir", cache or os.path.join(workdir, "compile_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if chief:
+        print(f"workdir: {workdir}", flush=True)
     summary = run(config, workdir)
+    if not chief:
+        return 0
     if summary.stopped_early:
         print(f"stopped at step {summary.final_step}; re-run with --workdir={workdir} to resume")
         return 0
-    print("reward means on the held-out split (greedy captions):")
+    if not summary.eval_on:
+        print("no evaluation configured (set config.data.eval_manifest or config.data.eval_fraction)")
+        if summary.export_dir:
+            print(f"exported HF safetensors to {summary.export_dir}")
+        return 0
+    print(f"reward means on {summary.eval_on} (greedy captions):")
     for name in summary.eval_end:
         print(f"  {name:<11} start={summary.eval_start.get(name, float('nan')):.4f} end={summary.eval_end[name]:.4f}")
     if summary.export_dir:
@@ -52,6 +77,23 @@ def main(argv) -> int:
     ]
     print("reward_gain " + " ".join(parts))
     return 0
+
+
+def initialize_from_config(config) -> bool:
+    """`jax.distributed.initialize` from config.distributed (a no-op for one process); returns whether it ran.
+    CPU processes talk through gloo (what the 127.0.0.1 tests use); GPU and TPU use their own collectives."""
+    import jax
+
+    from balcap_jax.parallel.mesh import DistributedConfig, initialize_distributed
+
+    section = config.get("distributed", None)
+    if section is None:
+        return False
+    settings = DistributedConfig.from_config(section)
+    if not settings.wanted:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    return initialize_distributed(settings)
 
 
 if __name__ == "__main__":

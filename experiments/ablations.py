@@ -217,7 +217,7 @@ def prepare_records(config: Any, root: Path) -> dict[str, str]:
     both phases see the same corpus and build the same vocabulary. The held-out split is the world's own."""
     from balcap_jax.data.shapes_world_records import prepare_shapes_world
     from balcap_jax.data.tfds_builder import prepare_manifest_dataset
-    from balcap_jax.trainer.loop import _world_config
+    from balcap_jax.trainer.data_sources import world_config as _world_config
 
     sw = config.data.shapes_world
     splits = {"train": int(sw.num_train), "validation": int(sw.num_eval)}

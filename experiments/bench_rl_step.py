@@ -19,9 +19,10 @@ with the same settings:
 Timing: one process. TRL runs its normal `trainer.train()` loop; a `TrainerCallback` times each TRL step from
 `on_step_begin` to `on_step_end` (generation, reward functions, advantages, forward/backward, clip, optimizer
 step), and at each `on_step_end` runs and times one of our steps on the same prompts — so the two sides are
-interleaved step by step and see the same machine load. Our step is timed end to end from PIL images +
-instruction (host preprocessing, vision + prefill, decode loop, detokenise, reward manager, advantages, training
-batch, jitted update, blocked until the new parameters exist). Our first step compiles; it runs before TRL starts
+interleaved step by step and see the same machine load. Our step is the production one (`trainer.rl_step.RLStep`,
+what `python -m balcap_jax.train` runs), timed end to end from PIL images + instruction (host preprocessing,
+vision + prefill, decode loop, detokenise, reward manager, advantages, training batch, jitted update, blocked
+until the new parameters exist). Our first step compiles; it runs before TRL starts
 and is reported separately. Then `--warmup` steps per side are discarded and the median of `--steps` steps
 is reported. Memory: peak resident-set growth of the process during each side's steps (Linux VmHWM, reset
 before each step).
@@ -59,6 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 import PIL.Image  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -78,14 +81,13 @@ from balcap_jax.models.qwen2_5_vl.processor import (  # noqa: E402
 from balcap_jax.models.qwen2_5_vl.vision import hf_special_cases  # noqa: E402
 from balcap_jax.rewards.manager import RewardManager  # noqa: E402
 from balcap_jax.rewards.types import ComponentScore, RewardItem  # noqa: E402
-from balcap_jax.rl import losses as losses_lib  # noqa: E402
 from balcap_jax.rl import update as update_lib  # noqa: E402
-from balcap_jax.rl.policy_logprobs import make_log_prob_fn  # noqa: E402
-from balcap_jax.sampling import Sampler, SamplerConfig, Temperature  # noqa: E402
-from balcap_jax.sampling.rollout import build_training_batch  # noqa: E402
-from balcap_jax.trainer import batches as batches_lib  # noqa: E402
-from balcap_jax.trainer import shaping  # noqa: E402
+from balcap_jax.sampling import Sampler  # noqa: E402
+from balcap_jax.trainer import builders, shaping  # noqa: E402
+from balcap_jax.trainer.rl_step import RLStep  # noqa: E402
 from balcap_jax.trainer.policy import Policy  # noqa: E402
+from balcap_jax import default_config  # noqa: E402
+from balcap_jax.metrics import PhaseTimer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INSTRUCTION = "Describe the image in detail."
@@ -319,51 +321,54 @@ class StepOutput:
 
 @dataclasses.dataclass
 class OurStep:
-    """balcap_jax's RL step (the body of `trainer/loop.py::_rl_step`, with the run's plumbing left out)."""
+    """balcap_jax's production RL step — `trainer.rl_step.RLStep`, the object the training loop runs — fed this
+    benchmark's prompts. Building the batch from the examples (preprocessing, collation) is inside the timing,
+    as TRL's own preprocessing is on its side."""
 
-    policy: Policy
+    rl_step: RLStep
     processor: QwenCaptionProcessor
-    sampler: Sampler
-    sampler_config: SamplerConfig
-    update: update_lib.UpdateStep
-    advantages: Callable[[jax.Array], jax.Array]
-    manager: RewardManager
     settings: StepSettings
 
+    @property
+    def sampler(self) -> Sampler:
+        return self.rl_step.sampler
+
     def __call__(self, state: update_lib.TrainState, examples: Sequence[CaptionExample], key: jax.Array) -> StepOutput:
-        """One step on P examples (donates `state`)."""
-        G = self.settings.group
-        phases: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            phases[name] = now - clock
-            clock = now
-
+        """One step on P examples (donates `state`); `key` is the step's rng."""
+        policy = self.rl_step.policy
+        start = time.perf_counter()
         prepared = [prepare(ex, self.processor, PROMPT_BUCKETS[-1]) for ex in examples]
         length = bucket_length(max(p.length for p in prepared), PROMPT_BUCKETS)
         batch = collate(prepared, length, concat_keys=QWEN_CONCAT_KEYS,
-                        pad_values={**DEFAULT_SEQUENCE_PAD_VALUES, "input_ids": self.policy.pad_id})  # fmt: skip
-        prompts = self.sampler.prepare_prompts(batches_lib.prompt_inputs(self.policy, batch), self.sampler_config)
-        lap("host_inputs")
-        start = self.sampler.prefill(state.params, prompts, self.sampler_config)
-        rollout = jax.tree.map(np.asarray, self.sampler.decode(state.params, start, self.sampler_config, key))
-        lap("sample")
-        captions = batches_lib.completion_texts(self.policy, rollout)
-        judged = self.manager.score_sync(batches_lib.reward_items(batch, captions, G))
-        lap("reward")
-        advantages = np.asarray(self.advantages(jnp.asarray(judged.rewards)))
-        lap("advantages")
-        tile_vision = batches_lib.tile_vision_for(self.policy, batch)
-        train_batch = dict(build_training_batch(prompts, rollout, G, tile_vision=tile_vision))
-        train_batch["advantages"] = advantages.reshape(-1)
-        train_batch = jax.tree.map(jnp.asarray, train_batch)
-        state, metrics = self.update(state, train_batch)
-        jax.block_until_ready((state, metrics))
-        lap("update")
-        return StepOutput(state, phases, judged.rewards, rollout.lengths)
+                        pad_values={**DEFAULT_SEQUENCE_PAD_VALUES, "input_ids": policy.pad_id})  # fmt: skip
+        timer = PhaseTimer()
+        host_inputs = time.perf_counter() - start
+        result = self.rl_step({"train": state, "rng": key}, batch, timer)
+        jax.block_until_ready(result.state["train"])
+        phases = {"host_inputs": host_inputs}
+        phases |= {k.removeprefix("phase/").removesuffix("_s"): v for k, v in timer.summary(prefix="phase").items()
+                   if k != "phase/total_s"}
+        return StepOutput(result.state["train"], phases, result.rewards, np.asarray(result.rollout.lengths))
+
+
+def step_config(settings: StepSettings) -> ml_collections.ConfigDict:
+    """The run config of the raced step: the embedded default with the benchmark's sizes, TRL's settings
+    (clip 0.2 both sides, no KL, token-mean, constant lr, grad clip 1) and c-GDPO without length handling."""
+    c = default_config.get_config()
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    c.data.prompt_buckets = PROMPT_BUCKETS
+    c.sampling = ml_collections.ConfigDict(dict(group_size=settings.group, max_new_tokens=settings.new_tokens,
+                                                temperature=1.0, top_p=1.0, top_k=0))
+    c.rewards.components = tuple(name for name, _ in REWARD_FUNCTIONS)
+    c.rewards.weights = (1.0,) * len(REWARD_FUNCTIONS)
+    c.advantage = ml_collections.ConfigDict(dict(kind="gdpo", eps=1e-4, ddof=1, batch_stats="sample"))
+    c.length.kind = "none"
+    c.loss = ml_collections.ConfigDict(dict(eps_low=0.2, eps_high=0.2, dual_clip=0.0, kl_coef=0.0,
+                                            aggregation="token-mean"))
+    c.optim = ml_collections.ConfigDict(dict(lr=settings.learning_rate, warmup_steps=0, schedule="constant",
+                                             weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999))
+    c.train.rl_steps, c.train.updates_per_batch, c.train.micro_batches = 1000, 1, 1
+    return c
 
 
 def shaping_config() -> shaping.ShapingConfig:
@@ -380,18 +385,15 @@ def build_our_step(model, config: Qwen2_5_VLConfig, tokenizer, image_config: Ima
     graphdef, params = nnx.split(model)
     policy = Policy(registry.get("qwen2_5_vl"), config, model, tokenizer, image_config, None,
                     eos_id=IM_END_ID, pad_id=ENDOFTEXT_ID)  # fmt: skip
-    sampler_config = SamplerConfig(
-        max_new_tokens=settings.new_tokens, eos_ids=(), pad_id=ENDOFTEXT_ID, strategy=Temperature(1.0),
-        group_size=settings.group, prompt_buckets=PROMPT_BUCKETS, cache_dtype="float32",
-        blocked_ids=(config.image_token_id,),
-    )  # fmt: skip
-    optimizer = update_lib.make_optimizer(update_lib.OptimizerConfig(
-        learning_rate=settings.learning_rate, schedule="constant", weight_decay=0.0, max_grad_norm=1.0))
-    loss_config = losses_lib.LossConfig(eps_low=0.2, eps_high=0.2, kl_coef=0.0, aggregation="token-mean")
-    update = update_lib.make_update_step(make_log_prob_fn(graphdef, temperature=1.0), optimizer, loss_config)
-    step = OurStep(policy, QwenCaptionProcessor(tokenizer, INSTRUCTION, image_config), Sampler(graphdef),
-                   sampler_config, update, c_gdpo_advantages, manager, settings)  # fmt: skip
-    return step, update_lib.TrainState.create(params, optimizer)
+    run_config = step_config(settings)
+    mesh = builders.mesh(run_config, devices=jax.devices()[:1])
+    step = RLStep(policy, Sampler(graphdef, mesh=mesh), builders.rl_update_step(graphdef, run_config), manager,
+                  run_config, mesh, for_sampling=lambda p: p)
+    # Equal work on both sides: TRL samples exactly new_tokens tokens per rollout, so ours ignores EOS too.
+    step.sampler_config = dataclasses.replace(step.sampler_config, eos_ids=())
+    optimizer, _ = builders.rl_optimizer(run_config)
+    state = update_lib.TrainState.create(jax.device_put(params, NamedSharding(mesh, PartitionSpec())), optimizer)
+    return OurStep(step, QwenCaptionProcessor(tokenizer, INSTRUCTION, image_config), settings), state
 
 
 @jax.jit

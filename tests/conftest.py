@@ -5,8 +5,11 @@ XLA reads XLA_FLAGS once, when the backend starts, so this must run before anyth
 
 import os
 
+# On a loaded 2-core machine one of the 8 device threads can take longer than XLA:CPU's 40 s collective
+# deadline to reach a rendezvous, which aborts the process; the deadline guards against real hangs only.
+CPU_COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {CPU_COLLECTIVE_TIMEOUT}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

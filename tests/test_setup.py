@@ -29,3 +29,12 @@ def test_eight_fake_devices():
     import jax
 
     assert jax.device_count() == 8
+
+
+def test_both_commands_install_from_the_lock():
+    """constraints.txt pins every package the suite passed with; both README commands install through it."""
+    commands = _readme_commands()
+    assert all("-c constraints.txt" in c for c in commands), commands
+    pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^\s=]+", pin) for pin in pins), pins[:5]
+    assert {pin.split("==")[0].lower() for pin in pins} >= {"jax", "jaxlib", "flax", "torch", "transformers", "trl"}

@@ -94,7 +94,7 @@ def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
 def load_policy(config: Any, checkpoint: str) -> LoadedPolicy:
     """The policy of `checkpoint` (workdir or HF dir, see module docstring). For a workdir, the model and data
     sections of `config` are replaced by the saved run's; everything else (sampling, judges) stays."""
-    from balcap_jax.trainer.loop import corpus_texts, prepare_data
+    from balcap_jax.trainer.data_sources import corpus_texts, prepare_data
     from balcap_jax.trainer.policy import build_policy
 
     checkpoint = os.path.abspath(checkpoint)
@@ -141,9 +141,9 @@ def caption_source(
     captioning only those without a stored caption. Records the pipeline skips (undecodable image, prompt too
     long) get no caption; the caller reports them as missing."""
     from balcap_jax.data import pipeline as pipeline_lib
-    from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
     from balcap_jax.trainer import batches as batches_lib
-    from balcap_jax.trainer.loop import sampler_config
+    from balcap_jax.trainer.builders import sampler_config
+    from balcap_jax.trainer.families import family_of
 
     config, policy = loaded.config, loaded.policy
     settings = {"max_new_tokens": max_new_tokens, "prompt": config.data.prompt, "decoding": "greedy"}
@@ -157,13 +157,10 @@ def caption_source(
 
     todo = [source[i] for i in range(len(source)) if key(record_id(source[i])) not in store]
     if todo:
-        processor = batches_lib.PolicyPromptProcessor(
-            QwenCaptionProcessor(policy.tokenizer, instruction=config.data.prompt, image_config=policy.image_config),
-            policy,
-        )
+        processor = batches_lib.PolicyPromptProcessor.for_policy(policy, config.data.prompt)
         pipeline = pipeline_lib.PipelineConfig(
             batch_size=batch_size, buckets=tuple(config.data.prompt_buckets), shuffle=False, num_epochs=1,
-            pad_id=policy.pad_id, concat_keys=QWEN_CONCAT_KEYS, seed=int(config.seed),
+            pad_id=policy.pad_id, concat_keys=family_of(policy).concat_keys, seed=int(config.seed),
         )  # fmt: skip
         sampling = ml_collections.ConfigDict(config.to_dict())
         sampling.sampling.max_new_tokens = max_new_tokens
@@ -172,8 +169,8 @@ def caption_source(
         for batch in pipeline_lib.make_dataset(todo, processor, pipeline):
             if not len(batch["example_id"]):
                 continue
-            rollout = sampler(loaded.params, batches_lib.prompt_inputs(policy, batch), scfg, jax.random.key(0))
-            for image_id, caption in zip(batch["example_id"], batches_lib.completion_texts(policy, rollout)):
+            for image_id, caption in zip(batch["example_id"],
+                                         batches_lib.greedy_captions(policy, sampler, loaded.params, batch, scfg)):
                 store.put(key(str(image_id)), str(image_id), {"caption": caption})
     captions = {}
     for i in range(len(source)):

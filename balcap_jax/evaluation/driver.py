@@ -102,7 +102,7 @@ def build_judged_protocols(options: EvalOptions) -> dict[str, Any]:
 
 
 def _shapes_world_source(config: Any, data_workdir: str, split: str):
-    from balcap_jax.trainer.loop import prepare_data
+    from balcap_jax.trainer.data_sources import prepare_data
 
     if config.data.source != "shapes_world":
         raise ValueError(f"--protocols includes 'shapes_world' but config.data.source={config.data.source!r}")

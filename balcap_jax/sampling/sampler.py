@@ -28,10 +28,12 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from balcap_jax.models.interface import KVCache, SequenceInputs, next_text_positions
+from balcap_jax.parallel import hosts
 from balcap_jax.parallel.mesh import BATCH_AXES
 from balcap_jax.sampling.compiled import CountingJit
 from balcap_jax.sampling.config import SamplerConfig
@@ -276,6 +278,7 @@ class Sampler:
     def prepare_prompts(self, prompts: SequenceInputs, config: SamplerConfig) -> SequenceInputs:
         """Validates the prompt batch and left-pads it to its bucket (the batch the sampler actually runs)."""
         num_prompts, length = validate_prompts(prompts)
+        num_prompts *= jax.process_count()  # host prompts are this process's share of the global batch
         rows = num_prompts * config.group_size
         if rows % self.layout.num_shards:
             raise ValueError(
@@ -286,18 +289,30 @@ class Sampler:
         return left_pad(prompts, config.bucket_for(length), config.pad_id)
 
     def _place(self, prompts: SequenceInputs) -> SequenceInputs:
-        """Puts prompt arrays on the mesh: batch-sharded when the prompt count divides, replicated otherwise."""
+        """Puts prompt arrays on the mesh: batch-sharded when the prompt count divides, replicated otherwise.
+        Host (numpy) rows are this process's share of the batch (`parallel.hosts`); "vision" holds the whole
+        batch's images on every process."""
         if self.layout.mesh is None:
             return jax.tree.map(jnp.asarray, prompts)
-        num_prompts = prompts["input_ids"].shape[0]
+        mesh = self.layout.mesh
+        num_prompts = prompts["input_ids"].shape[0] * jax.process_count()
         shard = num_prompts % self.layout.num_shards == 0
-        replicated = NamedSharding(self.layout.mesh, PartitionSpec())
+        if not shard and jax.process_count() > 1:
+            raise ValueError(
+                f"{num_prompts} prompts do not divide over the {self.layout.num_shards} batch shards; with several "
+                "processes every prompt batch must (each process holds only its rows)"
+            )
 
         def place(name: str, x: Any) -> Any:
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                return x  # already a global array
             if name == "vision" or not shard:
-                return jax.device_put(x, replicated)
+                return hosts.replicated(np.asarray(x), mesh)
             batch_axis = 1 if name == "positions" and jnp.ndim(x) == 3 else 0
-            return jax.device_put(x, self.layout.sharding(jnp.ndim(x), batch_axis))
+            sharding = self.layout.sharding(jnp.ndim(x), batch_axis)
+            if hosts.is_multiprocess():
+                return hosts.global_rows(np.asarray(x), mesh, batch_axis=batch_axis, sharding=sharding)
+            return jax.device_put(x, sharding)
 
         return {name: jax.tree.map(lambda x, n=name: place(n, x), value) for name, value in prompts.items()}
 

@@ -11,10 +11,12 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from balcap_jax.data.records import CaptionExample
 from balcap_jax.models.interface import next_text_positions
+from balcap_jax.parallel import hosts
 from balcap_jax.rewards.types import RewardItem
 from balcap_jax.sampling.rollout import Rollout, build_training_batch
 from balcap_jax.trainer.families import family_of
@@ -104,9 +106,21 @@ def completion_texts(policy: Policy, rollout: Rollout) -> list[str]:
     texts = []
     for row in range(tokens.shape[0]):
         ids = tokens[row][mask[row]]
-        ids = ids[ids != policy.eos_id]
+        ids = ids[~np.isin(ids, policy.eos_ids)]
         texts.append(policy.decode(ids))
     return texts
+
+
+def greedy_captions(policy: Policy, sampler: Any, params: Any, batch: Mapping[str, Any], config: Any) -> list[str]:
+    """Captions of a pipeline batch's prompts under the sampler config `config` (greedy for evaluation), this
+    process's rows only: the one captioning path of training-time and standalone evaluation."""
+    rollout = local_rollout(sampler(params, prompt_inputs(policy, batch), config, jax.random.key(0)))
+    return completion_texts(policy, rollout)
+
+
+def local_rollout(rollout: Rollout) -> Rollout:
+    """This process's rows of a rollout whose arrays span the mesh (numpy; the whole rollout with one process)."""
+    return jax.tree.map(lambda x: hosts.host_value(x) if np.ndim(x) == 0 else hosts.local_rows(x), rollout)
 
 
 def reward_items(batch: Mapping[str, Any], captions: Sequence[str], group_size: int) -> list[list[RewardItem]]:

@@ -3,7 +3,7 @@ sample. Everything else in the loop (sampler, log-probs, update, judges) is fami
 
   Qwen2.5-VL: dynamic-resolution patches concatenated over the batch (`pixel_values` [N_patches, C·t·p·p] +
               `image_grid_thw`), host-side window/rotary tables, M-RoPE positions [3, B, T]; the G rollouts of a
-              prompt share one encoding of its image (`prepare_vision_inputs(repeats=G)`).
+              prompt share one encoding of its images (`prepare_vision_inputs(repeats=G, images_per_prompt=...)`).
   LLaVA-1.5:  fixed-size CLIP crops [B, H, W, 3], 1-D positions; each of the G rows carries its image.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from balcap_jax.data.llava_inputs import LlavaCaptionProcessor
 from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
-from balcap_jax.models.qwen2_5_vl.vision_host import prepare_vision_inputs
+from balcap_jax.models.qwen2_5_vl.vision_host import images_per_prompt_from_tokens, prepare_vision_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +27,24 @@ class QwenFamily:
     def processor(self, policy: Any, instruction: str) -> QwenCaptionProcessor:
         return QwenCaptionProcessor(policy.tokenizer, instruction=instruction, image_config=policy.image_config)
 
+    def images_per_prompt(self, policy: Any, batch: Mapping[str, Any]) -> np.ndarray:
+        """int[B]: how many consecutive images of the batch each row owns (read from its image tokens)."""
+        c = policy.model_config
+        return images_per_prompt_from_tokens(
+            np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"], bool),
+            np.asarray(batch["image_grid_thw"]), image_token_id=int(c.image_token_id),
+            spatial_merge_size=int(c.vision.spatial_merge_size),
+        )
+
     def vision_inputs(self, policy: Any, batch: Mapping[str, Any], repeats: int) -> dict[str, np.ndarray]:
+        """The batch's images (all processes' when `host_data` gathered them, with their "images_per_prompt")."""
+        # Rows own consecutive images (collate order); a prompt's G copies must read all of its images in order.
+        images_per_prompt = batch.get("images_per_prompt")
+        if images_per_prompt is None:
+            images_per_prompt = self.images_per_prompt(policy, batch)
         return prepare_vision_inputs(
             np.asarray(batch["pixel_values"]), np.asarray(batch["image_grid_thw"]), policy.model_config.vision,
-            repeats=repeats,
+            repeats=repeats, images_per_prompt=np.asarray(images_per_prompt),
         )
 
     def blocked_ids(self, policy: Any) -> tuple[int, ...]:
@@ -48,6 +62,10 @@ class LlavaFamily:
             policy.tokenizer, image_token_id=int(c.image_token_id), image_seq_length=int(c.image_seq_length),
             instruction=instruction, image_config=policy.image_config,
         )
+
+    def images_per_prompt(self, policy: Any, batch: Mapping[str, Any]) -> np.ndarray:
+        del policy
+        return np.ones((len(batch["pixel_values"]),), np.int64)  # one CLIP crop per row
 
     def vision_inputs(self, policy: Any, batch: Mapping[str, Any], repeats: int) -> dict[str, np.ndarray]:
         del policy

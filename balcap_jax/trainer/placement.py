@@ -12,9 +12,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from balcap_jax.parallel.mesh import BATCH_AXES
+from balcap_jax.parallel import hosts
 
 # Batch keys whose batch axis is not the leading one.
 _BATCH_AXIS = {"positions": 1}
@@ -25,18 +25,16 @@ def _batch_axis(key: str, value: Any) -> int:
 
 
 def place_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
-    """Host batch -> device arrays: rows over the batch axes, "vision" replicated. Batch sizes are validated up
-    front (config rules), so every row count here divides the batch shards."""
-    replicated = NamedSharding(mesh, PartitionSpec())
+    """Host batch -> global device arrays: the row-aligned fields hold this process's rows (all rows with one
+    process) and are sharded over the batch axes; "vision" (the whole batch's images on every process) is
+    replicated. Batch sizes are validated up front (config rules), so every row count divides the batch shards."""
     out = {}
     for key, value in batch.items():
         if key == "vision":
-            out[key] = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), value)
+            out[key] = hosts.replicated(jax.tree.map(np.asarray, value), mesh)
             continue
         value = np.asarray(value)
-        spec = [None] * value.ndim
-        spec[_batch_axis(key, value)] = BATCH_AXES
-        out[key] = jax.device_put(value, NamedSharding(mesh, PartitionSpec(*spec)))
+        out[key] = hosts.global_rows(value, mesh, batch_axis=_batch_axis(key, value))
     return out
 
 

@@ -38,6 +38,12 @@ class Policy:
     vocab: VocabSubset | None
     eos_id: int
     pad_id: int
+    extra_eos_ids: tuple[int, ...] = ()  # further ids that end a caption (the checkpoint's generation config)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a rollout, `eos_id` (the one SFT targets end with) first."""
+        return (self.eos_id,) + tuple(i for i in self.extra_eos_ids if i != self.eos_id)
 
     def to_model_ids(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(ids, np.int32) if self.vocab is None else self.vocab.from_tokenizer(ids)
@@ -169,6 +175,7 @@ def _from_hf_dir(config: Any, *, dtype, param_dtype, remat: bool, mesh: Any) -> 
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model_config = family.config_from_hf(read_hf_config(directory))
     preprocessor = _read_json(os.path.join(directory, "preprocessor_config.json"))
+    generation = _read_json(os.path.join(directory, "generation_config.json")) or {}
     if family.name == "llava":
         from balcap_jax.models.llava.processor import ClipImageProcessorConfig
 
@@ -178,11 +185,25 @@ def _from_hf_dir(config: Any, *, dtype, param_dtype, remat: bool, mesh: Any) -> 
     else:
         image_config = (qwen_processor.ImageProcessorConfig.from_hf(preprocessor) if preprocessor
                         else qwen_processor.ImageProcessorConfig())
+        # The recipe sizes its vision buckets for its own pixel limits; the checkpoint's preprocessor allows
+        # ~12.8 MP (16k image tokens per photo), which no RL batch can afford.
+        image_config = dataclasses.replace(
+            image_config, min_pixels=int(config.data.min_pixels), max_pixels=int(config.data.max_pixels)
+        )
         eos = tokenizer.convert_tokens_to_ids(IM_END)
     if eos is None:
         raise ValueError(f"the tokenizer in {directory} defines no end-of-turn token; captions could never end")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return Policy(family, model_config, model, tokenizer, image_config, None, int(eos), int(pad))
+    return Policy(family, model_config, model, tokenizer, image_config, None, int(eos), int(pad),
+                  extra_eos_ids=generation_eos_ids(generation))
+
+
+def generation_eos_ids(generation_config: dict) -> tuple[int, ...]:
+    """`eos_token_id` of a generation_config.json (an int, a list, or absent) -> a tuple of ids."""
+    eos = generation_config.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
 def _read_json(path: str) -> dict | None:

@@ -20,7 +20,8 @@ from balcap_jax.evaluation.driver import EvalOptions, run_evaluation
 from balcap_jax.rl.update import TrainState
 from balcap_jax.sampling.sampler import Sampler
 from balcap_jax.trainer import batches as batches_lib
-from balcap_jax.trainer.loop import corpus_texts, prepare_data, sampler_config
+from balcap_jax.trainer.builders import sampler_config
+from balcap_jax.trainer.data_sources import corpus_texts, prepare_data
 from balcap_jax.trainer.policy import build_policy
 from tests.evaluation.eval_fixtures import make_benchmarks
 
@@ -99,25 +100,9 @@ def test_workdir_checkpoint_captions_match_the_in_memory_policy_and_resume(tmp_p
 def _tiny_full_vocab_hf_dir(directory):
     """A random Qwen2.5-VL HF directory over the real Qwen vocabulary and tokenizer (what a user's checkpoint
     looks like, at toy size)."""
-    import shutil
+    from tests.train.real_path import qwen_hf_dir
 
-    import torch
-    import transformers
-
-    from balcap_jax.models.qwen2_5_vl import config as qwen_ids
-    from balcap_jax.models.qwen2_5_vl.processor import packaged_tokenizer_dir
-    from tests.models.qwen_fixtures import tiny_qwen_config_dict
-
-    spec = tiny_qwen_config_dict(tie_word_embeddings=True, text_layers=1, vision_depth=1)
-    im_end = 151645
-    spec["text_config"] |= dict(vocab_size=151936, bos_token_id=im_end, eos_token_id=im_end)
-    spec |= dict(image_token_id=qwen_ids.IMAGE_TOKEN_ID, video_token_id=qwen_ids.IMAGE_TOKEN_ID + 1,
-                 vision_start_token_id=qwen_ids.VISION_START_TOKEN_ID, vision_end_token_id=qwen_ids.VISION_END_TOKEN_ID)
-    torch.manual_seed(0)
-    transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**spec)).save_pretrained(directory)
-    for name in os.listdir(packaged_tokenizer_dir()):
-        shutil.copy(os.path.join(packaged_tokenizer_dir(), name), directory)
-    return str(directory)
+    return qwen_hf_dir(directory)
 
 
 @pytest.mark.slow

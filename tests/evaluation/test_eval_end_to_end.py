@@ -109,7 +109,7 @@ def test_resume_after_kill_minus_nine_judges_only_unfinished_items_and_matches(t
 def test_shapes_world_from_a_captions_file_scores_reference_captions_100(tmp_path):
     from balcap_jax.data import shapes_world as world
     from balcap_jax.evaluation import shapes_world_eval
-    from balcap_jax.trainer.loop import prepare_data
+    from balcap_jax.trainer.data_sources import prepare_data
 
     config = default_config.get_config()
     config.data.shapes_world.num_train = 2

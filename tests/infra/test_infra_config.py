@@ -112,14 +112,14 @@ def test_batch_must_divide_over_the_mesh_and_hosts():
     config.data.prompts_per_batch = 8
     config.train.micro_batches = 16  # 8 * 8 = 64 sequences -> micro-batches of 4 < 8 shards
     assert any("config.train.micro_batches=16" in p for p in problems_of(config, device_count=8))
-    config.train.micro_batches = 2
+    config.train.micro_batches = 1
     config.train.sft_batch_size = 12
     assert problems_of(config, device_count=8) == [
         "config.train.sft_batch_size=12 is not divisible by the 8 batch shards of the mesh; use a multiple of 8"
     ]
     config.train.sft_batch_size = 16
     assert problems_of(config, device_count=8) == []
-    assert any("the 3 processes" in p for p in problems_of(config, device_count=8, process_count=3))
+    assert any("not divisible by the 3 data streams" in p for p in problems_of(config, device_count=8, process_count=3))
 
 
 def test_mesh_that_does_not_match_the_devices():
@@ -211,3 +211,67 @@ def test_allowed_values_agree_with_the_modules_that_use_them():
 def test_model_names_agree_with_the_registry():
     registry = pytest.importorskip("balcap_jax.models.registry")
     assert sorted(registry.names()) == sorted(cfg.MODEL_NAMES)
+
+
+def test_qwen_micro_batching_is_rejected_with_the_fix():
+    config = recipe()
+    config.train.micro_batches = 2
+    problems = problems_of(config)
+    assert any(p.startswith("config.train.micro_batches=2: Qwen2.5-VL batches carry one flat patch sequence")
+               and "set train.micro_batches=1" in p for p in problems), problems
+
+
+def test_kl_to_a_reference_and_tis_are_accepted_and_tis_below_one_is_not():
+    config = recipe()
+    config.loss.kl_coef = 0.05
+    config.loss.tis_cap = 2.0
+    assert problems_of(config) == []
+    config.loss.tis_cap = 0.5
+    assert problems_of(config) == ["config.loss.tis_cap=0.5 must be 0 (off) or >= 1 (e.g. 2.0)"]
+
+
+def test_every_batch_of_images_must_fit_the_largest_vision_bucket():
+    config = recipe("qwen7b")
+    config.model.hf_dir, config.data.manifest = "/w", "/m"
+    config.rewards.judge.backend = "shapes_world"
+    assert cfg.max_patches_per_image(512 * 28 * 28) == 2048
+    assert not [p for p in problems_of(config, device_count=8, check_paths=False) if "vision bucket" in p]
+    config.eval.batch_size = 0  # default: P * G = 128 images of up to 2048 patches
+    problems = problems_of(config, device_count=8, check_paths=False)
+    assert ("config.eval.batch_size=128: 128 images of up to 2048 patches (data.max_pixels=401408) can exceed the "
+            "largest vision bucket of 32768 patches; use at most 16 images per batch or lower data.max_pixels"
+            ) in problems, problems
+
+
+def test_multi_process_fields_and_data_streams():
+    config = recipe()
+    config.distributed.num_processes = 2
+    config.distributed.process_id = 2
+    problems = problems_of(config, process_count=2)
+    assert any(p.startswith("config.distributed.process_id=2 must be this process's rank in [0, 2)") for p in problems)
+    assert any(p.startswith("config.distributed.coordinator_address=''") for p in problems)
+    config.distributed.process_id, config.distributed.coordinator_address = 1, "127.0.0.1:1234"
+    config.data.loader_shards = 3
+    assert any("config.data.loader_shards=3 does not divide over the 2 processes" in p
+               for p in problems_of(config, process_count=2))
+    config.data.loader_shards = 16
+    config.data.prompts_per_batch = 8
+    assert any(p.startswith("config.data.prompts_per_batch=8 is not divisible by the 16 data streams")
+               for p in problems_of(config, process_count=2))
+
+
+def test_evaluation_split_rules(tmp_path):
+    config = recipe("qwen7b")
+    config.model.hf_dir = str(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    config.data.manifest = str(manifest)
+    config.rewards.judge.backend = "shapes_world"
+    config.data.eval_manifest = str(tmp_path / "missing.jsonl")
+    config.data.eval_fraction = 0.1
+    problems = problems_of(config, device_count=8)
+    assert f"config.data.eval_manifest={str(tmp_path / 'missing.jsonl')!r} does not exist" in problems
+    assert any("data.eval_manifest and data.eval_fraction are both set" in p for p in problems)
+    config.data.eval_fraction = 1.0
+    assert any("config.data.eval_fraction=1.0 must be < 1" in p for p in problems_of(config, device_count=8))

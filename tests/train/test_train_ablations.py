@@ -115,7 +115,7 @@ def test_rewrite_manifest_replaces_only_references(abl, tmp_path):
 
 
 def test_prepare_records_verbose_sft_and_rl_share_a_corpus(abl, tmp_path):
-    from balcap_jax.trainer.loop import corpus_texts, prepare_data
+    from balcap_jax.trainer.data_sources import corpus_texts, prepare_data
 
     config = abl.apply_overrides(get_config(), {"seed": 3, "data.shapes_world.num_train": 4,
                                                 "data.shapes_world.num_eval": 2})

@@ -11,7 +11,7 @@ from balcap_jax.data import pipeline as pipeline_lib
 from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
 from balcap_jax.sampling.rollout import build_training_batch
 from balcap_jax.trainer import batches
-from balcap_jax.trainer.loop import corpus_texts, prepare_data
+from balcap_jax.trainer.data_sources import corpus_texts, prepare_data
 from balcap_jax.trainer.policy import build_policy
 
 

@@ -74,7 +74,7 @@ def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(tmp_path):
     reference = run(mini_config(data_dir), tmp_path / "uninterrupted", echo=lambda *_: None,
                     devices=jax.devices()[:1])
     assert reference.final_step == 8 and not reference.stopped_early
-    assert set(reference.eval_end) == {"precision", "recall", "linguistic", "total"}
+    assert set(reference.eval_end) == {"precision", "recall", "linguistic", "total", "b_capscore"}
     assert (tmp_path / "uninterrupted" / "samples.jsonl").exists()
 
     workdir = tmp_path / "killed"
@@ -118,11 +118,71 @@ def test_the_loop_runs_sharded_on_a_2x2x2_mesh_and_matches_one_device(tmp_path):
     for step in (1, 2):  # teacher-forced steps see identical inputs: only reduction order may differ
         for key in ("sft/nll", "sft/grad_norm"):
             assert mesh[step][key] == pytest.approx(one[step][key], rel=1e-4), (step, key)
-    for step in (3, 4):  # sampled steps: every component judged, finite rewards and losses
+    for step in (3, 4):  # sampled steps with images: the same rollouts, rewards, advantages and losses
         assert all(mesh[step][f"reward/{k}_nan_count"] == 0 for k in ("precision", "recall", "linguistic"))
-        assert all(v == v for k, v in mesh[step].items() if k.startswith("loss/"))
+        compared = [k for k in one[step] if k.startswith(("reward/", "advantages_", "loss/", "length/"))]
+        assert len(compared) > 30
+        for key in compared:
+            assert mesh[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-5), (step, key)
     restored = sorted(int(p.name) for p in (tmp_path / "mesh" / "checkpoints").iterdir() if p.name.isdigit())
     assert restored[-1] == 4
+
+
+@pytest.mark.slow
+def test_the_embedded_default_runs_on_eight_local_devices_like_on_one(tmp_path):
+    """The README's first command on a TPU VM or an 8-GPU box: the default mesh (fsdp=-1) takes every device."""
+    config = mini_config(str(tmp_path / "data"))
+    config.data.prompts_per_batch = 8  # rows of every batch must divide over 8 devices
+    config.train.sft_batch_size = 8
+    config.train.rl_steps = 2
+    config.data.shapes_world.num_eval = 32
+    assert config.mesh.fsdp == -1
+    run(config, tmp_path / "one", echo=lambda *_: None, devices=jax.devices()[:1])
+    env = dict(os.environ)  # the suite's 8 fake devices (conftest)
+    flags = [f"--config.{k}={v}" for k, v in {**MINI, "data.prompts_per_batch": 8, "train.sft_batch_size": 8,
+                                              "train.rl_steps": 2, "data.shapes_world.num_eval": 32}.items()]
+    done = subprocess.run([sys.executable, "-m", "balcap_jax.train", f"--workdir={tmp_path / 'eight'}", *flags,
+                           f"--config.data.records_dir={tmp_path / 'data'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("reward_gain total=")
+    one, eight = _metrics(tmp_path / "one"), _metrics(tmp_path / "eight")
+    assert sorted(one) == sorted(eight)
+    for step in one:
+        for key, value in one[step].items():
+            if key.startswith(("sft/nll", "reward/", "advantages_", "loss/", "eval_end/")) and "sft/learning" not in key:
+                assert eight[step][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (step, key)
+
+
+@pytest.mark.slow
+def test_sft_loss_is_at_temperature_one_whatever_the_sampling_temperature(tmp_path):
+    """Supervised cross-entropy is the model's own distribution; the sampler's temperature must not leak into it."""
+    nll = {}
+    for temperature in (1.0, 0.5):
+        config = mini_config(str(tmp_path / "data"))
+        config.train.rl_steps = 0
+        config.sampling.temperature = temperature
+        run(config, tmp_path / f"t{temperature}", echo=lambda *_: None, devices=jax.devices()[:1])
+        nll[temperature] = [row["sft/nll"] for row in _metrics(tmp_path / f"t{temperature}").values() if "sft/nll" in row]
+    assert len(nll[1.0]) == 2
+    assert nll[0.5] == pytest.approx(nll[1.0], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_kl_to_a_frozen_reference_and_exact_first_ratio(tmp_path):
+    """loss.kl_coef > 0: the reference is the policy as RL starts, so the KL is 0 at the first RL step and
+    positive once the policy has moved; with one update per batch the ratio is exactly 1 at every update."""
+    config = mini_config(str(tmp_path / "data"))
+    config.loss.kl_coef = 0.1
+    config.train.rl_steps = 3
+    config.optim.lr = 3e-3
+    run(config, tmp_path / "kl", echo=lambda *_: None, devices=jax.devices()[:1])
+    rows = _metrics(tmp_path / "kl")
+    rl_steps = [rows[s] for s in (3, 4, 5)]
+    assert rl_steps[0]["loss/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rl_steps[-1]["loss/kl"] > 1e-6
+    for row in rl_steps:
+        assert row["loss/ratio_min"] == row["loss/ratio_max"] == 1.0 and row["loss/clip_fraction"] == 0.0
 
 
 def test_a_wrong_config_field_fails_fast_with_its_name(tmp_path):

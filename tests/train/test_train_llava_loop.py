@@ -9,28 +9,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from balcap_jax import default_config  # noqa: E402
-from balcap_jax.models.qwen2_5_vl.processor import load_tokenizer  # noqa: E402
 from balcap_jax.trainer.loop import run  # noqa: E402
+from tests.train.real_path import llava_hf_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory):
-    """A tiny random LLaVA-1.5 checkpoint with a tokenizer (no Llama tokenizer ships offline: the packaged Qwen
-    tokenizer with '<image>' added stands in for it)."""
-    tokenizer = load_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=56, patch_size=14)
-    text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
-                                      image_seq_length=16)
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("llava_tiny")
-    transformers.LlavaForConditionalGeneration(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return llava_hf_dir(tmp_path_factory.mktemp("llava_tiny"))
 
 
 @pytest.mark.slow
@@ -51,7 +36,7 @@ def test_llava_policy_trains_end_to_end_and_exports(llava_dir, tmp_path):
     summary = run(config, tmp_path / "work", echo=lambda *_: None, devices=jax.devices()[:1])
 
     assert summary.final_step == 4 and not summary.stopped_early
-    assert set(summary.eval_end) == {"precision", "recall", "linguistic", "total"}
+    assert set(summary.eval_end) == {"precision", "recall", "linguistic", "total", "b_capscore"}
     rows = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
     rl_rows = [r for r in rows if "reward/precision_mean" in r]
     assert len(rl_rows) == 2 and all(r["reward/precision_nan_count"] == 0 for r in rl_rows)
