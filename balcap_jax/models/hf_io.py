@@ -14,6 +14,12 @@ default rules do the rest —
   anything else (bias, ...) keeps its name and layout —
 plus prefix renames, per-key special-case transforms, alternative checkpoint layouts and ignorable keys.
 
+Layer stacks (`layer_stack.py`): a leaf under one of `ParamMapping.stacked` (e.g. `model.language_model.layers.`)
+holds [L, ...], layer i being what HF stores under the per-layer name `...layers.{i}.<rest>`; every rule above
+applies to those per-layer names. Loading reads each device's slice of every layer and stacks them on the host
+(never the whole model, nor a whole stacked tensor unless the device holds all of it); exporting writes one
+tensor per layer, sliced on device.
+
 Safetensors is parsed here (header JSON + little-endian raw data) rather than through `safetensors.numpy`,
 which cannot represent bfloat16; `ml_dtypes` (a JAX dependency) provides the numpy bfloat16/float8 types.
 """
@@ -272,6 +278,8 @@ class ParamMapping:
       them when loading, so older/newer layouts of the same model load through one mapping.
     ignore_unexpected: regexes (full match) for checkpoint keys to skip without error (buffers, unused heads).
     leaf_rules: our leaf name -> (HF leaf name, Transform); defaults to DEFAULT_LEAF_RULES.
+    stacked: our name prefixes of layer stacks (ending in "."): a leaf `<prefix><rest>` of shape [L, ...] is the
+      L per-layer tensors named `<prefix><i>.<rest>` (models list theirs with `layer_stack.layer_stack_prefixes`).
     """
 
     prefix_renames: Sequence[tuple[str, str]] = ()
@@ -281,6 +289,29 @@ class ParamMapping:
     leaf_rules: Mapping[str, tuple[str, Transform]] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_LEAF_RULES)
     )
+    stacked: Sequence[str] = ()
+
+    def with_stacked(self, prefixes: Sequence[str]) -> "ParamMapping":
+        """This mapping with `prefixes` added to `stacked`."""
+        return dataclasses.replace(self, stacked=tuple(dict.fromkeys((*self.stacked, *prefixes))))
+
+    def stack_prefix(self, our_name: str) -> str | None:
+        """The `stacked` prefix `our_name` lies under (None: not in a layer stack)."""
+        return next((p for p in self.stacked if our_name.startswith(p)), None)
+
+    def layer_names(self, our_name: str, shape: Sequence[int]) -> list[str] | None:
+        """The per-layer names `<prefix><i>.<rest>` (i < shape[0]) of a leaf of a layer stack; None otherwise."""
+        prefix = self.stack_prefix(our_name)
+        if prefix is None:
+            return None
+        if len(shape) == 0:
+            raise HFWeightsError(f"{our_name!r} is under the layer stack {prefix!r} but is a scalar (no layer axis)")
+        rest = our_name[len(prefix) :]
+        return [f"{prefix}{i}.{rest}" for i in range(shape[0])]
+
+    def hf_keys(self, our_name: str, shape: Sequence[int]) -> list[str]:
+        """The checkpoint keys of one of our leaves: one per layer for a stacked leaf, else `[hf_key(name)]`."""
+        return [self.hf_key(name) for name in self.layer_names(our_name, shape) or [our_name]]
 
     def hf_key(self, our_name: str) -> str:
         head, _, leaf = our_name.rpartition(".")
@@ -315,10 +346,17 @@ class ParamMapping:
 
 @dataclasses.dataclass(frozen=True)
 class _Planned:
+    """One of our leaves and the checkpoint tensor(s) it is read from: one key, or one per layer (`stacked`)."""
+
     name: str
-    checkpoint_key: str
+    checkpoint_keys: tuple[str, ...]
     transform: Transform
     target: Any
+    stacked: bool
+
+    @property
+    def checkpoint_key(self) -> str:
+        return self.checkpoint_keys[0]
 
 
 def _float_kind(dtype: np.dtype) -> bool:
@@ -339,26 +377,36 @@ def _plan(reader: SafetensorsDirectory, abstract: Any, mapping: ParamMapping) ->
     planned, missing, problems = [], [], []
     used: set[str] = set()
     for name, target in named_leaves(abstract):
-        hf_key = mapping.hf_key(name)
-        if hf_key not in by_canonical:
-            missing.append(f"{hf_key!r} (for our parameter {name!r}, shape {tuple(target.shape)})")
-            continue
-        key = by_canonical[hf_key]
-        used.add(key)
-        info = reader.tensors[key]
-        transform = mapping.transform(name, hf_key)
-        if _float_kind(info.dtype) != _float_kind(np.dtype(target.dtype)):
-            problems.append(
-                f"{key!r}: checkpoint dtype {info.dtype} cannot load into {name!r} of dtype {np.dtype(target.dtype)}"
-                " (only floating <-> floating casts are done)"
-            )
-        expected = transform.ours_shape(info.shape)
-        if expected is not None and expected != tuple(target.shape):
-            problems.append(
-                f"{key!r}: checkpoint shape {info.shape} becomes {expected} under {transform!r}, but our "
-                f"parameter {name!r} has shape {tuple(target.shape)}; the config does not match the checkpoint"
-            )
-        planned.append(_Planned(name, key, transform, target))
+        layer_names = mapping.layer_names(name, target.shape)
+        # A stacked leaf [L, ...] is checked layer by layer against its per-layer tensors.
+        parts = [(name, tuple(target.shape))] if layer_names is None else [
+            (layer_name, tuple(target.shape[1:])) for layer_name in layer_names
+        ]
+        keys: list[str] = []
+        transform = None
+        for part_name, part_shape in parts:
+            hf_key = mapping.hf_key(part_name)
+            if hf_key not in by_canonical:
+                missing.append(f"{hf_key!r} (for our parameter {part_name!r}, shape {part_shape})")
+                continue
+            key = by_canonical[hf_key]
+            used.add(key)
+            keys.append(key)
+            info = reader.tensors[key]
+            transform = mapping.transform(part_name, hf_key)
+            if _float_kind(info.dtype) != _float_kind(np.dtype(target.dtype)):
+                problems.append(
+                    f"{key!r}: checkpoint dtype {info.dtype} cannot load into {part_name!r} of dtype "
+                    f"{np.dtype(target.dtype)} (only floating <-> floating casts are done)"
+                )
+            expected = transform.ours_shape(info.shape)
+            if expected is not None and expected != part_shape:
+                problems.append(
+                    f"{key!r}: checkpoint shape {info.shape} becomes {expected} under {transform!r}, but our "
+                    f"parameter {part_name!r} has shape {part_shape}; the config does not match the checkpoint"
+                )
+        if len(keys) == len(parts):
+            planned.append(_Planned(name, tuple(keys), transform, target, stacked=layer_names is not None))
     unexpected = [k for k in reader.keys() if k not in used and not mapping.is_ignored(k)]
     if missing or unexpected or problems:
         lines = [f"HF checkpoint {str(reader.directory)!r} does not match the model:"]
@@ -402,31 +450,48 @@ def _device_transpose(axes: tuple[int, ...], dtype: np.dtype, out_sharding: Shar
     return jax.jit(lambda x: x.transpose(axes).astype(dtype), out_shardings=out_sharding)
 
 
+def _hf_reader(reader: SafetensorsDirectory, plan: _Planned) -> tuple[tuple[int, ...], Callable[[tuple], np.ndarray]]:
+    """(shape, read(index)) of the planned tensor in HF layout; a stacked leaf reads as [L, *per-layer shape],
+    each call stacking only the requested slice of the requested layers (one tensor: a memory-mapped view)."""
+    views = [reader.view(key) for key in plan.checkpoint_keys]
+    if not plan.stacked:
+        return views[0].shape, lambda index: views[0][index]
+
+    def read(index: tuple) -> np.ndarray:
+        layers, rest = index[0], tuple(index[1:])
+        return np.stack([views[i][rest] for i in range(len(views))[layers]])
+
+    return (len(views), *views[0].shape), read
+
+
 def _load_one(reader: SafetensorsDirectory, plan: _Planned, default_sharding: Sharding) -> jax.Array:
     shape, dtype = tuple(plan.target.shape), np.dtype(plan.target.dtype)
     sharding = _target_sharding(plan.target, default_sharding)
-    hf_shape = reader.tensors[plan.checkpoint_key].shape
-    axes = plan.transform.axes_for(len(hf_shape))
+    layer_hf_shape = reader.tensors[plan.checkpoint_key].shape
+    axes = plan.transform.axes_for(len(layer_hf_shape))
     if axes is not None:
-        view = reader.view(plan.checkpoint_key)
+        hf_shape, read = _hf_reader(reader, plan)
+        if plan.stacked:  # the layer axis leads on both sides and is never permuted
+            axes = (0, *(a + 1 for a in axes))
         hf_sharding = _hf_layout_sharding(sharding, axes) if axes != tuple(range(len(axes))) else None
         if hf_sharding is not None:
             # each device reads its HF-layout slice (no host transpose), then transposes on device
-            raw = jax.make_array_from_callback(hf_shape, hf_sharding, lambda index: np.array(view[index]))
+            raw = jax.make_array_from_callback(hf_shape, hf_sharding, lambda index: np.array(read(tuple(index))))
             return _device_transpose(axes, dtype, sharding)(raw)
 
         def read_shard(index: tuple[slice, ...]) -> np.ndarray:
             hf_index: list[slice] = [slice(None)] * len(axes)
             for our_dim, hf_dim in enumerate(axes):
                 hf_index[hf_dim] = index[our_dim]
-            return np.ascontiguousarray(view[tuple(hf_index)].transpose(axes), dtype=dtype)
+            return np.ascontiguousarray(read(tuple(hf_index)).transpose(axes), dtype=dtype)
 
         return jax.make_array_from_callback(shape, sharding, read_shard)
 
-    whole = np.asarray(plan.transform.to_ours(reader.read(plan.checkpoint_key)))
+    layers = [np.asarray(plan.transform.to_ours(reader.read(key))) for key in plan.checkpoint_keys]
+    whole = np.stack(layers) if plan.stacked else layers[0]
     if whole.shape != shape:
         raise HFWeightsError(
-            f"{plan.checkpoint_key!r}: checkpoint shape {hf_shape} becomes "
+            f"{plan.checkpoint_key!r}: checkpoint shape {layer_hf_shape} becomes "
             f"{whole.shape} under its special-case transform, but our parameter {plan.name!r} has shape {shape}"
         )
     return jax.make_array_from_callback(
@@ -455,7 +520,7 @@ def load_hf_state(
     reader = SafetensorsDirectory(directory)
     plans = {plan.name: plan for plan in _plan(reader, abstract_state, mapping)}
     default = default_sharding or SingleDeviceSharding(jax.devices()[0])
-    loaded_bytes = sum(reader.tensors[p.checkpoint_key].nbytes for p in plans.values())
+    loaded_bytes = sum(reader.tensors[key].nbytes for p in plans.values() for key in p.checkpoint_keys)
     _log.info("loading %d tensors (%.1f MB) from %s", len(plans), loaded_bytes / 2**20, reader.directory)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         futures = {name: pool.submit(_load_one, reader, plan, default) for name, plan in plans.items()}
@@ -486,6 +551,60 @@ def _export_one(array: Any, transform: Transform, out_dtype: np.dtype | None) ->
             return _to_host(_device_transpose(inverse, out_dtype or np.dtype(array.dtype), hf_sharding)(array))
     hf = np.asarray(transform.to_hf(_to_host(array)))
     return hf.astype(out_dtype) if out_dtype is not None else hf
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_slicer(out_sharding: Sharding | None) -> Callable[[jax.Array, Any], jax.Array]:
+    take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)  # noqa: E731
+    # One traced index: a single compiled slicer per sharding serves every layer.
+    return jax.jit(take) if out_sharding is None else jax.jit(take, out_shardings=out_sharding)
+
+
+def _layer_of(stack: Any, index: int) -> Any:
+    """Layer `index` of a stacked leaf [L, ...], sliced where it lies (the layer axis is never sharded, so the
+    slice is local to every device and keeps the other dimensions' sharding)."""
+    if not isinstance(stack, jax.Array):
+        return np.asarray(stack)[index]
+    sharding = stack.sharding
+    if isinstance(sharding, NamedSharding):
+        out: Sharding | None = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+    else:
+        out = sharding if isinstance(sharding, SingleDeviceSharding) else None
+    return _layer_slicer(out)(stack, np.int32(index))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Export:
+    """One HF tensor to write: `name` is our (per-layer) name, `leaf` our array (the whole stack when `layer`
+    is set)."""
+
+    name: str
+    key: str
+    leaf: Any
+    layer: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.leaf.shape[1:] if self.layer is not None else self.leaf.shape)
+
+    def array(self) -> Any:
+        return self.leaf if self.layer is None else _layer_of(self.leaf, self.layer)
+
+
+def _export_items(state: Any, mapping: ParamMapping) -> list[_Export]:
+    """Every HF tensor of `state`, a stacked leaf giving one per layer, in HF's order: a stack's tensors layer by
+    layer (all of layer 0, then layer 1, ...) where its first leaf stands, other tensors in pytree order."""
+    ranked: list[tuple[tuple[int, int, int], _Export]] = []
+    stack_rank: dict[str, int] = {}
+    for position, (name, leaf) in enumerate(named_leaves(state)):
+        layer_names = mapping.layer_names(name, leaf.shape)
+        if layer_names is None:
+            ranked.append(((position, 0, 0), _Export(name, mapping.hf_key(name), leaf)))
+            continue
+        rank = stack_rank.setdefault(mapping.stack_prefix(name), position)
+        for layer, layer_name in enumerate(layer_names):
+            ranked.append(((rank, layer, position), _Export(layer_name, mapping.hf_key(layer_name), leaf, layer)))
+    return [item for _, item in sorted(ranked, key=lambda entry: entry[0])]
 
 
 def _parse_size(size: int | str) -> int:
@@ -555,32 +674,31 @@ def save_hf_state(
     gathered collectively); only process 0 writes. Returns the weight files written.
     """
     directory = Path(directory)
-    leaves = named_leaves(state)
+    items = _export_items(state, mapping)
     out_dtype = None if dtype is None else np.dtype(dtype)
-    hf_keys: dict[str, str] = {}
-    sizes = []
-    for name, leaf in leaves:
-        key = mapping.hf_key(name)
-        if key in hf_keys.values():
-            raise HFWeightsError(f"two parameters map to the HF key {key!r} (one is {name!r}); fix the ParamMapping")
-        hf_keys[name] = key
-        itemsize = (out_dtype or np.dtype(leaf.dtype)).itemsize
-        sizes.append((name, math.prod(leaf.shape) * itemsize))
+    by_key: dict[str, _Export] = {}
+    for item in items:
+        if item.key in by_key:
+            raise HFWeightsError(
+                f"two parameters map to the HF key {item.key!r} ({by_key[item.key].name!r} and {item.name!r}); "
+                "fix the ParamMapping"
+            )
+        by_key[item.key] = item
+    sizes = [(item.key, math.prod(item.shape) * (out_dtype or np.dtype(item.leaf.dtype)).itemsize) for item in items]
     groups = _shard_groups(sizes, _parse_size(max_shard_size))
     writer = jax.process_index() == 0
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
-    arrays = dict(leaves)
     files, weight_map, total = [], {}, 0
     for i, group in enumerate(groups):
         filename = SINGLE_FILE if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
-        for name in group:
-            key = hf_keys[name]
-            hf = _export_one(arrays[name], mapping.transform(name, key), out_dtype)
-            if hf.size != math.prod(arrays[name].shape):
+        for key in group:
+            item = by_key[key]
+            hf = _export_one(item.array(), mapping.transform(item.name, key), out_dtype)
+            if hf.size != math.prod(item.shape):
                 raise HFWeightsError(
-                    f"{key!r}: the to_hf transform changed the element count ({arrays[name].shape} -> {hf.shape})"
+                    f"{key!r}: the to_hf transform changed the element count ({item.shape} -> {hf.shape})"
                 )
             tensors[key] = hf
             weight_map[key] = filename
@@ -600,13 +718,13 @@ def save_hf_state(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"balcap_jax.hf_io.save_hf_state:{directory}")
-    _log.info("exported %d tensors (%.1f MB) in %d file(s) to %s", len(leaves), total / 2**20, len(files), directory)
+    _log.info("exported %d tensors (%.1f MB) in %d file(s) to %s", len(items), total / 2**20, len(files), directory)
     return files
 
 
 def expected_hf_keys(abstract_state: Any, mapping: ParamMapping = ParamMapping()) -> list[str]:
-    """The HF keys a state maps to, in pytree order (for a model's own mapping tests)."""
-    return [mapping.hf_key(name) for name, _ in named_leaves(abstract_state)]
+    """The HF keys a state maps to, in export order (for a model's own mapping tests)."""
+    return [item.key for item in _export_items(abstract_state, mapping)]
 
 
 def iter_hf_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:

@@ -5,30 +5,115 @@ Conventions (all functions are pure and jit-friendly):
   * rotary `cos`/`sin` have the shape of the rotated tensor without its head axis: [..., T, Dh].
   * masks are boolean, True = "may attend".
   * numerically sensitive reductions (RMSNorm variance, softmax) run in fp32 whatever the compute dtype.
+  * in a reduced compute dtype (bf16) every op rounds where HF's torch modules round, so a bf16 model agrees
+    with HF's bf16 model, not only with fp32 (see `Linear`, `activation`, `attention_scores`). In fp32 these
+    roundings are no-ops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
-_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
+# Activations round as torch's kernels do: one rounding of an fp32 evaluation (quick_gelu: one per op).
 
 
-def activation(name: str):
-    """The activation function HF configs call `name` (`hidden_act`)."""
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+def silu(x: Array) -> Array:
+    """x * sigmoid(x), in fp32, rounded once to x's dtype."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU, torch's `nn.GELU()`, in fp32, rounded once to x's dtype."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def gelu_tanh(x: Array) -> Array:
+    """tanh-approximated GELU (`gelu_pytorch_tanh`), in fp32, rounded once to x's dtype."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+
+
+def quick_gelu(x: Array) -> Array:
+    """OpenAI CLIP's x * sigmoid(1.702 x).
+
+    HF composes it from three torch ops, each rounding to x's dtype (the constant stays fp32, as torch keeps
+    Python scalars in fp32), so it rounds after each of the three here too.
+    """
+    scaled = (x.astype(jnp.float32) * np.float32(1.702)).astype(x.dtype)
+    gate = jax.nn.sigmoid(scaled.astype(jnp.float32)).astype(x.dtype)
+    return x * gate
+
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": silu,
+    "swish": silu,
+    "gelu": gelu,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,  # exact in any dtype
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The activation function HF configs call `name` (`hidden_act`, `projector_hidden_act`)."""
     if name not in _ACTIVATIONS:
         raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
+
+
+@jax.custom_vjp
+def biased_matmul(x: Array, kernel: Array, bias: Array) -> Array:
+    """x [..., D_in] @ kernel [D_in, D_out] + bias [D_out] (one dtype), summed in fp32 and rounded once.
+
+    torch's `addmm` (HF's `nn.Linear`) adds the bias to the fp32 accumulator; rounding the product first and
+    the sum again (flax's order) differs in about a third of bf16 outputs. Returns [..., D_out] in x's dtype.
+    """
+    y = jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=jnp.float32)
+    return (y + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _biased_matmul_fwd(x: Array, kernel: Array, bias: Array) -> tuple[Array, tuple[Array, Array]]:
+    return biased_matmul(x, kernel, bias), (x, kernel)
+
+
+def _biased_matmul_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array, Array]:
+    # The backward pass of a plain linear layer in the compute dtype: without the custom rule, the fp32
+    # accumulator would make every weight-gradient matmul an fp32 one.
+    x, kernel = residuals
+    flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    d_x = jnp.einsum("...o,io->...i", grad, kernel)
+    d_kernel = jnp.einsum("ni,no->io", flat_x, flat_grad)
+    d_bias = jnp.sum(flat_grad, axis=0, dtype=jnp.float32).astype(grad.dtype)
+    return d_x, d_kernel, d_bias
+
+
+biased_matmul.defvjp(_biased_matmul_fwd, _biased_matmul_bwd)
+
+# Remat policies see a custom_vjp as one opaque call, not as the matmul it is; naming its output lets the
+# "save_dots" policy (remat.py) keep biased projections like plain ones instead of recomputing them.
+BIASED_MATMUL_NAME = "biased_matmul"
+
+
+class Linear(nnx.Linear):
+    """`nnx.Linear` (same parameters and arguments) whose bias joins the fp32 accumulator before the single
+    rounding to the compute dtype, as in torch (see `biased_matmul`). Without a bias, or in fp32, it computes
+    exactly what `nnx.Linear` does."""
+
+    def __call__(self, inputs: Array, *, bias_after_rounding: bool = False) -> Array:
+        """inputs [..., D_in] -> [..., D_out]. `bias_after_rounding` rounds the product before adding the bias,
+        as torch does when the input is a strided (non-contiguous) 3-D view: it then skips the fused addmm."""
+        if self.bias is None or bias_after_rounding:
+            return super().__call__(inputs)
+        x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        return checkpoint_name(biased_matmul(x, kernel, bias), BIASED_MATMUL_NAME)
 
 
 class RMSNorm(nnx.Module):
@@ -65,9 +150,9 @@ class SwiGLU(nnx.Module):
         rngs: nnx.Rngs,
     ):
         linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = nnx.Linear(dim, hidden_dim, **linear)
-        self.up_proj = nnx.Linear(dim, hidden_dim, **linear)
-        self.down_proj = nnx.Linear(hidden_dim, dim, **linear)
+        self.gate_proj = Linear(dim, hidden_dim, **linear)
+        self.up_proj = Linear(dim, hidden_dim, **linear)
+        self.down_proj = Linear(hidden_dim, dim, **linear)
         self.act_name = act
 
     def __call__(self, x: Array) -> Array:
@@ -147,6 +232,16 @@ def mrope_cos_sin(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def attention_scores(equation: str, q: Array, k: Array, scale: float) -> Array:
+    """Scaled attention logits `einsum(equation, q, k) * scale`, returned in fp32 for the softmax.
+
+    Rounded where HF's eager attention rounds: `matmul(q, k^T)` to q's dtype, then the product with the
+    (fp32) scale again. In fp32 both roundings are no-ops.
+    """
+    logits = jnp.einsum(equation, q, k, preferred_element_type=jnp.float32).astype(q.dtype)
+    return (logits.astype(jnp.float32) * np.float32(scale)).astype(q.dtype).astype(jnp.float32)
+
+
 def causal_mask(query_slots: Array, key_valid: Array) -> Array:
     """Mask for queries at cache slots `query_slots` int[B, T] over keys at slots 0..S-1.
 
@@ -162,8 +257,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: f
     """Grouped-query softmax attention.
 
     q [B, T, H, Dh], k/v [B, S, H_kv, Dh] with H a multiple of H_kv, mask bool[B, T, S] (or broadcastable,
-    e.g. [B, 1, T, S] is not accepted: keep it 3-D). Logits and softmax in fp32; fully masked rows (left
-    padding) give a finite, meaningless output instead of NaN. Returns [B, T, H, Dh] in q's dtype.
+    e.g. [B, 1, T, S] is not accepted: keep it 3-D). Softmax in fp32 over logits rounded as HF rounds them
+    (`attention_scores`); fully masked rows (left padding) give a finite, meaningless output instead of NaN.
+    Returns [B, T, H, Dh] in q's dtype.
     """
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -173,7 +269,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: f
     groups = num_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else scale
     q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = attention_scores("btkgd,bskd->bkgts", q, k, scale)
     logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", weights, v)

@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 
 from balcap_jax.models.hf_io import HFWeightsError, iter_hf_tensors  # noqa: E402
 from balcap_jax.models.interface import KVCache, next_text_positions  # noqa: E402
+from balcap_jax.models.layer_stack import layer_at  # noqa: E402
 from balcap_jax.models.llava import params as llava_params  # noqa: E402
 from balcap_jax.models.llava import processor  # noqa: E402
 from balcap_jax.models.llava.config import LlavaConfig  # noqa: E402
@@ -153,7 +154,8 @@ def test_vision_encoder_layer_matches(hf_model, ours, highest_precision):
     hidden = np.random.default_rng(1).normal(size=(2, 17, 32)).astype(np.float32)
     with torch.no_grad():
         expected = hf_model.model.vision_tower.encoder.layers[1](torch.from_numpy(hidden), None)
-    got = nnx.jit(lambda layer, x: layer(x))(ours.model.vision_tower.encoder.layers[1], jnp.asarray(hidden))
+    layer = layer_at(ours.model.vision_tower.encoder.layers, 1)
+    got = nnx.jit(lambda layer, x: layer(x))(layer, jnp.asarray(hidden))
     np.testing.assert_allclose(np.asarray(got), expected.numpy(), atol=COMPONENT_TOL, rtol=0)
 
 
@@ -203,7 +205,7 @@ def test_decoder_layer_matches(hf_model, ours, highest_precision):
     def layer_forward(text, hidden, positions):
         cos, sin = text.rotary(positions)
         allowed = causal_mask(positions, jnp.ones(positions.shape, bool))
-        return text.layers[0](hidden, cos, sin, allowed)[0]
+        return layer_at(text.layers, 0)(hidden, cos, sin, allowed)[0]
 
     got = layer_forward(ours.model.language_model, jnp.asarray(hidden), jnp.asarray(positions, jnp.int32))
     np.testing.assert_allclose(np.asarray(got), expected.numpy(), atol=COMPONENT_TOL, rtol=0)
@@ -306,9 +308,9 @@ def test_gradients_reach_the_used_vision_layers_and_skip_the_unused_top(ours, pi
 
     grads = nnx.jit(nnx.grad(loss))(ours, jax.tree.map(jnp.asarray, batch))
     tower = grads["model"]["vision_tower"]
-    assert float(jnp.abs(tower["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"][...]).max()) > 0
+    assert float(jnp.abs(tower["encoder"]["layers"]["mlp"]["fc1"]["kernel"][...][0]).max()) > 0
     assert float(jnp.abs(tower["embeddings"]["patch_embedding"]["kernel"][...]).max()) > 0
-    unused = [tower["encoder"]["layers"][2], tower["post_layernorm"]]
+    unused = [jax.tree.map(lambda stacked: stacked[2], tower["encoder"]["layers"]), tower["post_layernorm"]]
     assert all(float(jnp.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(unused))
 
 
@@ -347,10 +349,10 @@ def test_bf16_export_and_load(ours, tmp_path):
     dtypes = {str(t.dtype) for _, t in iter_hf_tensors(tmp_path)}
     assert dtypes == {"bfloat16"}
     model = llava_params.load_llava(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    kernel = model.model.language_model.layers[0].mlp.up_proj.kernel[...]
+    kernel = model.model.language_model.layers.mlp.up_proj.kernel[...][0]
     assert kernel.dtype == jnp.bfloat16
     np.testing.assert_array_equal(
-        np.asarray(kernel), np.asarray(ours.model.language_model.layers[0].mlp.up_proj.kernel[...], jnp.bfloat16)
+        np.asarray(kernel), np.asarray(ours.model.language_model.layers.mlp.up_proj.kernel[...][0], jnp.bfloat16)
     )
 
 

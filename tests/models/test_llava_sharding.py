@@ -69,8 +69,9 @@ def test_sharded_forward_equals_single_device(model, single_device, mesh_shape, 
     sharding = getattr(LlavaSharding, layout)()
     target = sharding.abstract_params(state, mesh, on_indivisible="raise")
     sharded_state = shard_like(state, target)
-    q_spec = sharded_state["model"]["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].sharding.spec
-    assert q_spec == (P("fsdp", "tensor") if layout == "training" else P(None, "tensor"))
+    q_spec = sharded_state["model"]["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec
+    # Stacked layers: a replicated layer axis, then each layer's own spec.
+    assert q_spec == (P(None, "fsdp", "tensor") if layout == "training" else P(None, None, "tensor"))
     sharded_batch = sharding.shard_inputs(batch, mesh)
     assert sharded_batch["vision"]["pixel_values"].sharding.spec == P(("data", "fsdp"))
     with jax.set_mesh(mesh):
@@ -83,12 +84,12 @@ def test_training_and_sampling_layouts():
     state = nnx.state(llava_params.abstract_llava(CONFIG))
     training = dict(named_leaves(LlavaSharding.training().param_specs(state)))
     sampling = dict(named_leaves(LlavaSharding.sampling().param_specs(state)))
-    q = "model.language_model.layers.0.self_attn.q_proj.kernel"
-    down = "model.language_model.layers.1.mlp.down_proj.kernel"
-    fc1 = "model.vision_tower.encoder.layers.2.mlp.fc1.kernel"
-    assert (training[q], training[down], training[fc1]) == (P("fsdp", "tensor"), P("tensor", "fsdp"),
-                                                           P("fsdp", "tensor"))
-    assert (sampling[q], sampling[down]) == (P(None, "tensor"), P("tensor", None))
+    q = "model.language_model.layers.self_attn.q_proj.kernel"  # stacks: [L, in, out], layer axis replicated
+    down = "model.language_model.layers.mlp.down_proj.kernel"
+    fc1 = "model.vision_tower.encoder.layers.mlp.fc1.kernel"
+    assert (training[q], training[down], training[fc1]) == (P(None, "fsdp", "tensor"), P(None, "tensor", "fsdp"),
+                                                           P(None, "fsdp", "tensor"))
+    assert (sampling[q], sampling[down]) == (P(None, None, "tensor"), P(None, "tensor", None))
     assert training["lm_head.kernel"] == P("fsdp", "tensor")
     assert all("fsdp" not in tuple(spec) for spec in sampling.values())
 
@@ -123,9 +124,10 @@ def test_load_from_hf_directory_straight_into_shards(model, tmp_path):
     llava_params.save_llava(model, tmp_path)
     mesh = make_mesh((2, 2, 2))
     loaded = llava_params.load_llava(tmp_path, mesh=mesh)
-    kernel = loaded.model.language_model.layers[0].mlp.gate_proj.kernel[...]
-    assert kernel.sharding == NamedSharding(mesh, P("fsdp", "tensor"))
-    assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (32, 64)
+    kernel = loaded.model.language_model.layers.mlp.gate_proj.kernel[...]  # [L, D, F], every layer's gate_proj
+    assert kernel.sharding == NamedSharding(mesh, P(None, "fsdp", "tensor"))
+    assert len(kernel.addressable_shards) == 8
+    assert kernel.addressable_shards[0].data.shape == (CONFIG.text.num_layers, 32, 64)
     for (name, a), (_, b) in zip(named_leaves(nnx.state(model)), named_leaves(nnx.state(loaded))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 

@@ -206,7 +206,8 @@ def test_remat_flag_reaches_every_decoder_layer_and_vision_block():
     batch = parity.build_batch(config, seed=8, prompt_tokens=16, image_grids=GRIDS[2:], text_only_row=False)
     inputs = make_inputs(config, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw)
     remat_model = fx.load_hf_into(params.abstract_model(config, remat=True), fx.hf_state_numpy(_build(False)[0]))
-    for m, expected in ((model, 0), (remat_model, config.text.num_layers + config.vision.depth)):
+    # One rematerialised region per layer stack (the scanned decoder layer and vision block), whatever the depth.
+    for m, expected in ((model, 0), (remat_model, 2)):
         g, p, rest = nnx.split(m, nnx.Param, ...)
         loss = lambda p: jnp.mean(nnx.merge(g, p, rest).hidden_states(inputs) ** 2)  # noqa: E731
         assert str(jax.make_jaxpr(jax.grad(loss))(p)).count("remat") == expected

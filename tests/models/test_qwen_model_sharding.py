@@ -41,8 +41,9 @@ def test_released_configs_have_published_parameter_counts(name):
         placed = layout.abstract_params(params_state, mesh, on_indivisible="raise")
         assert len(named_leaves(placed)) == len(leaves)
     spec = dict(named_leaves(QwenSharding.training().param_specs(params_state)))
-    assert spec["model.language_model.layers.0.self_attn.q_proj.kernel"] == P("fsdp", "tensor")
-    assert spec["model.language_model.layers.0.mlp.down_proj.kernel"] == P("tensor", "fsdp")
+    # Stacked decoder layers: a replicated layer axis in front of each layer's own spec.
+    assert spec["model.language_model.layers.self_attn.q_proj.kernel"] == P(None, "fsdp", "tensor")
+    assert spec["model.language_model.layers.mlp.down_proj.kernel"] == P(None, "tensor", "fsdp")
     sampling = dict(named_leaves(QwenSharding.sampling().param_specs(params_state)))
     assert all("fsdp" not in str(s) for s in sampling.values())
 
@@ -102,7 +103,7 @@ def test_sharded_forward_equals_single_device(reference, mesh_shape, layout):
     mesh = make_mesh(mesh_shape)
     sharding = QwenSharding.layout(layout)
     sharded = sharding.shard_params(nnx.state(nnx.merge(graphdef, state), nnx.Param), mesh)
-    q_kernel = dict(named_leaves(sharded))["model.language_model.layers.0.self_attn.q_proj.kernel"]
+    q_kernel = dict(named_leaves(sharded))["model.language_model.layers.self_attn.q_proj.kernel"]
     assert len(q_kernel.sharding.device_set) == 8 and not q_kernel.sharding.is_fully_replicated
     full_state = _with_params(graphdef, state, sharded)
     # Under the mesh context the decoder also pins its activations to the batch axes (layers.constrain_batch).

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from balcap_jax.models import hf_io
 from balcap_jax.models.qwen2_5_vl import params
@@ -134,7 +135,7 @@ def test_load_straight_into_sharded_arrays(hf_dir):
     sharded = params.load_qwen2_5_vl(directory, mesh=mesh, sharding=QwenSharding.sampling())
     plain = dict(params.named_leaves(nnx.state(params.load_qwen2_5_vl(directory), nnx.Param)))
     leaves = params.named_leaves(nnx.state(sharded, nnx.Param))
-    q = dict(leaves)["model.language_model.layers.0.self_attn.q_proj.kernel"]
-    assert q.sharding.spec == QwenSharding.sampling().attn_in and q.sharding.mesh.shape == mesh.shape
+    q = dict(leaves)["model.language_model.layers.self_attn.q_proj.kernel"]  # the stack of every layer's q_proj
+    assert q.sharding.spec == P(None, *QwenSharding.sampling().attn_in) and q.sharding.mesh.shape == mesh.shape
     for name, leaf in leaves:
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(plain[name]), err_msg=name)

@@ -203,8 +203,8 @@ def test_remat_forward_and_grad_match(hf_state, decoder_config):
 
     plain = _our_text_model(decoder_config, hf_state)
     remat = _our_text_model(decoder_config, hf_state, remat=True)
-    # One rematerialised region per decoder layer in the backward pass, none without remat.
-    assert str(jax.make_jaxpr(nnx.grad(loss))(remat)).count("remat") == decoder_config.num_layers
+    # One rematerialised region, the scanned decoder layer (whatever the depth), none without remat.
+    assert str(jax.make_jaxpr(nnx.grad(loss))(remat)).count("remat") == 1
     assert "remat" not in str(jax.make_jaxpr(nnx.grad(loss))(plain))
     g_plain = nnx.jit(nnx.grad(loss))(plain)
     g_remat = nnx.jit(nnx.grad(loss))(remat)

@@ -177,3 +177,92 @@ def test_repeats_tile_each_images_tokens_without_repeating_patches():
     assert thrice["inverse_window_index"].max() < 128
     with pytest.raises(ValueError, match="positive integer"):
         vision_host.prepare_vision_inputs(pixels, grid, CONFIG, repeats=0)
+
+
+# Three prompts: two images of different sizes (48 + 4 tokens), a text-only prompt, one image (9 tokens).
+MULTI_GRID = np.array([[1, 8, 24], [1, 4, 4], [1, 6, 6]])
+MULTI_PROMPTS = [2, 0, 1]
+
+
+def _multi_pixels() -> np.ndarray:
+    n = int(np.prod(MULTI_GRID, axis=1).sum())
+    return np.random.default_rng(1).normal(size=(n, CONFIG.patch_dim)).astype(np.float32)
+
+
+def test_repeats_tile_each_prompts_images_together():
+    """Prompt-major rows p * G + g read all of prompt p's images in order, then again for the next copy."""
+    pixels = _multi_pixels()
+    once = vision_host.prepare_vision_inputs(pixels, MULTI_GRID, CONFIG)
+    tiled = vision_host.prepare_vision_inputs(pixels, MULTI_GRID, CONFIG, repeats=3, images_per_prompt=MULTI_PROMPTS)
+    for key in ("patches", "window_segment_ids", "full_segment_ids", "rotary_cos", "rotary_sin"):
+        np.testing.assert_array_equal(tiled[key], once[key])
+    real = once["inverse_window_index"]
+    prompt0, prompt2 = real[0:52], real[52:61]  # images (0, 1) and image 2, in processor order
+    expected = np.concatenate([prompt0, prompt0, prompt0, prompt2, prompt2, prompt2])
+    np.testing.assert_array_equal(tiled["inverse_window_index"][: expected.size], expected)
+    np.testing.assert_array_equal(tiled["token_valid"], np.arange(tiled["token_valid"].size) < 3 * 61)
+
+
+def test_images_per_prompt_of_ones_is_the_per_image_default():
+    pixels = _multi_pixels()
+    default = vision_host.prepare_vision_inputs(pixels, MULTI_GRID, CONFIG, repeats=2)
+    ones = vision_host.prepare_vision_inputs(pixels, MULTI_GRID, CONFIG, repeats=2, images_per_prompt=[1, 1, 1])
+    for key in default:
+        np.testing.assert_array_equal(ones[key], default[key])
+
+
+@pytest.mark.parametrize(
+    "images_per_prompt, match",
+    [([2, 2], "sum to the number of images"), ([3, -1, 1], "non-negative"), ([[2, 1]], "1-D integer"),
+     ([1.0, 2.0], "1-D integer")],  # fmt: skip
+)
+def test_bad_images_per_prompt_name_the_field(images_per_prompt, match):
+    with pytest.raises(ValueError, match=f"images_per_prompt.*{match}|{match}.*images_per_prompt"):
+        vision_host.prepare_vision_inputs(_multi_pixels(), MULTI_GRID, CONFIG, images_per_prompt=images_per_prompt)
+
+
+def _rows_with_images(tokens_per_row: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded rows holding, per image, its placeholder tokens (id 9) between text tokens (id 1)."""
+    ids = np.zeros((len(tokens_per_row), length), np.int64)
+    mask = np.zeros(ids.shape, bool)
+    for r, images in enumerate(tokens_per_row):
+        row = np.concatenate([[1, 1], *[np.concatenate([np.full(n, 9), [1]]) for n in images]])
+        ids[r, length - row.size :], mask[r, length - row.size :] = row, True
+    return ids, mask
+
+
+def test_images_per_prompt_from_tokens_reads_each_rows_image_count():
+    ids, mask = _rows_with_images([[48, 4], [], [9]], length=60)
+    ids[1, :3] = 9  # padding that happens to hold the placeholder id is masked out, not counted
+    counts = vision_host.images_per_prompt_from_tokens(ids, mask, MULTI_GRID, image_token_id=9, spatial_merge_size=2)
+    np.testing.assert_array_equal(counts, MULTI_PROMPTS)
+    assert counts.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    "tokens_per_row",
+    [[[50], [2, 9]], [[48, 4], []], [[48, 4], [9, 4]]],
+    ids=["row ends inside an image", "an image is left over", "more tokens than images"],
+)
+def test_images_per_prompt_from_tokens_rejects_rows_that_split_or_miss_images(tokens_per_row):
+    ids, mask = _rows_with_images(tokens_per_row, length=70)
+    with pytest.raises(ValueError, match="do not split into whole images of grid_thw"):
+        vision_host.images_per_prompt_from_tokens(ids, mask, MULTI_GRID, image_token_id=9, spatial_merge_size=2)
+
+
+def test_sharded_inputs_repeat_each_shards_prompts_together():
+    pixels = _multi_pixels()
+    out = vision_host.prepare_sharded_vision_inputs(
+        pixels, MULTI_GRID, CONFIG, images_per_shard=[2, 1], repeats=2, images_per_prompt=MULTI_PROMPTS
+    )
+    first = vision_host.prepare_vision_inputs(
+        pixels[:208], MULTI_GRID[:2], CONFIG, bucket_sizes=(256,), repeats=2, images_per_prompt=[2]
+    )
+    second = vision_host.prepare_vision_inputs(pixels[208:], MULTI_GRID[2:], CONFIG, bucket_sizes=(256,), repeats=2)
+    for key in first:
+        np.testing.assert_array_equal(out[key][0], first[key])
+        np.testing.assert_array_equal(out[key][1], second[key])
+    with pytest.raises(ValueError, match="splits a prompt's images"):
+        vision_host.prepare_sharded_vision_inputs(
+            pixels, MULTI_GRID, CONFIG, images_per_shard=[1, 2], images_per_prompt=MULTI_PROMPTS
+        )

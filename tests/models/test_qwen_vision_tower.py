@@ -16,15 +16,18 @@ from transformers import Qwen2_5_VLVisionConfig, Qwen2VLImageProcessorPil
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
+from balcap_jax.models.layer_stack import layer_at
 from balcap_jax.models.qwen2_5_vl import processor, vision_host
 from balcap_jax.models.qwen2_5_vl.vision import (
     VisionBlock,
     VisionConfig,
     VisionTower,
     chunked_segment_attention,
+    full_attention,
     hf_special_cases,
     local_segment_attention,
     segment_attention,
+    window_attention,
 )
 
 # Three images of different sizes (patch grids), with full and partial 8 x 8-patch windows: 500 patches, 125 tokens.
@@ -45,7 +48,8 @@ def tiny_hf_config() -> Qwen2_5_VLVisionConfig:
 
 
 def tower_from_hf(config: VisionConfig, hf_state: dict[str, torch.Tensor], **kwargs) -> VisionTower:
-    """Our tower holding HF's tensors, mapped by the naming rule plus the declared special cases (every key used).
+    """Our tower holding HF's tensors, mapped by the naming rule plus the declared special cases (every key used);
+    the stacked `blocks.*` leaves [depth, ...] take HF's per-block `blocks.{i}.*` tensors.
 
     Built abstractly first: random initialisation would only be overwritten.
     """
@@ -53,14 +57,21 @@ def tower_from_hf(config: VisionConfig, hf_state: dict[str, torch.Tensor], **kwa
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     special = hf_special_cases()
     remaining = {k: v.detach().numpy() for k, v in hf_state.items()}
+
+    def take(name: str, leaf_name: str) -> np.ndarray:
+        tensor = remaining.pop(name)
+        if name in special:
+            return special[name][0](tensor)
+        return tensor.T if leaf_name == "kernel" else tensor
+
     flat = []
     for path, leaf in nnx.to_flat_state(params):
         name = ".".join(map(str, path[:-1])) + "." + _LEAF_TO_HF[path[-1]]
-        tensor = remaining.pop(name)
-        if name in special:
-            tensor = special[name][0](tensor)
-        elif path[-1] == "kernel":
-            tensor = tensor.T
+        if path[0] == "blocks":
+            rest_of_name = name[len("blocks."):]
+            tensor = np.stack([take(f"blocks.{i}.{rest_of_name}", path[-1]) for i in range(leaf.shape[0])])
+        else:
+            tensor = take(name, path[-1])
         assert tensor.shape == leaf.shape, (name, tensor.shape, leaf.shape)
         flat.append((path, leaf.replace(jnp.asarray(tensor, leaf.dtype))))
     assert not remaining, f"HF tensors with no counterpart: {sorted(remaining)}"
@@ -153,11 +164,13 @@ def test_block_matches_hf(hf_tower, tower, pixels, block_index, highest_precisio
     inputs = vision_host.prepare_vision_inputs(pixels, GRID, tower.config)  # 512 patches: 12 padding
     x = jnp.zeros((512, 64)).at[:NUM_PATCHES].set(hidden.numpy())
     segments = inputs["full_segment_ids" if is_full else "window_segment_ids"]
-    run_block = nnx.jit(VisionBlock.__call__, static_argnames=("window_block", "query_chunk"))
-    out = run_block(
-        tower.blocks[block_index], x, inputs["rotary_cos"], inputs["rotary_sin"], segments,
-        window_block=None if is_full else 64, query_chunk=128,
-    )  # fmt: skip
+
+    @nnx.jit
+    def run_block(block: VisionBlock, x, cos, sin, segments):
+        attend = full_attention(segments, query_chunk=128) if is_full else window_attention(segments, block_size=64)
+        return block(x, cos, sin, attend)
+
+    out = run_block(layer_at(tower.blocks, block_index), x, inputs["rotary_cos"], inputs["rotary_sin"], segments)
     np.testing.assert_allclose(np.asarray(out[:NUM_PATCHES]), ref, **TOL)
 
 
@@ -297,7 +310,7 @@ def test_gradients_flow_through_the_tower_with_and_without_remat(hf_tower, tower
 
     grads, remat_grads = grads_of(tower), grads_of(remat_tower)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
-    assert np.abs(np.asarray(grads["blocks"][1]["attn"]["qkv"]["kernel"][...])).sum() > 0
+    assert np.abs(np.asarray(grads["blocks"]["attn"]["qkv"]["kernel"][...][1])).sum() > 0
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())  # same maths, fused differently
 

@@ -31,7 +31,7 @@ from tests.sampling.reference import completion_logprobs_full_forward, greedy_re
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
 GROUP = 2
-Q_KERNEL = "model.language_model.layers.0.self_attn.q_proj.kernel"
+Q_KERNEL = "model.language_model.layers.self_attn.q_proj.kernel"
 NEW_TOKENS = 6
 
 

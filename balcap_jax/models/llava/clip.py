@@ -5,8 +5,10 @@ Pre-LN transformer: patch conv (no bias) + CLS token + learned positions, `pre_l
 hidden states of an inner layer (-2 by default), so the forward runs only the layers it needs; the unused top
 layer and `post_layernorm` are kept as parameters so checkpoints round-trip unchanged.
 
-Attribute names mirror the HF torch modules (`embeddings.patch_embedding`, `encoder.layers[i].self_attn.q_proj`,
-`pre_layrnorm` with HF's spelling) so weight conversion is a rule per leaf, not a table.
+The encoder layers are one layer stack (`layer_stack.py`: parameters [N, ...]) run by one `lax.scan`.
+Attribute names mirror the HF torch modules (`embeddings.patch_embedding`, `encoder.layers.self_attn.q_proj` for
+HF's `encoder.layers.{i}.self_attn.q_proj`, `pre_layrnorm` with HF's spelling) so weight conversion is a rule per
+leaf, not a table.
 
 Images are channels-last: pixel_values float[N, H, W, C] (HF uses [N, C, H, W]).
 """
@@ -18,28 +20,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from balcap_jax.models.layer_stack import leading, scan_layers, stacked
+from balcap_jax.models.layers import Linear, activation, attention_scores
 from balcap_jax.models.llava.config import CLIPVisionConfig
+from balcap_jax.models.remat import Remat
 
 Array = jax.Array
-
-
-def quick_gelu(x: Array) -> Array:
-    """OpenAI CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)."""
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-def activation(name: str):
-    """HF `ACT2FN` names used by CLIP and the LLaVA projector -> the JAX function (exact, not tanh, for 'gelu')."""
-    table = {
-        "quick_gelu": quick_gelu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "silu": jax.nn.silu,
-        "relu": jax.nn.relu,
-    }
-    if name not in table:
-        raise ValueError(f"activation {name!r} is not supported; expected one of {sorted(table)}")
-    return table[name]
 
 
 def _layer_norm(features: int, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -97,15 +83,15 @@ class CLIPAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         width = config.hidden_size
-        linear = lambda: nnx.Linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
+        linear = lambda: Linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
 
     def __call__(self, x: Array) -> Array:
         n, s, _ = x.shape
         split = lambda t: t.reshape(n, s, self.num_heads, self.head_dim)  # noqa: E731
-        q = split(self.q_proj(x)) * self.head_dim**-0.5
-        k, v = split(self.k_proj(x)), split(self.v_proj(x))
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        # Scaled after the product, as HF does: scaling q first would round differently in bf16.
+        scores = attention_scores("nqhd,nkhd->nhqk", q, k, self.head_dim**-0.5)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, s, self.num_heads * self.head_dim)
         return self.out_proj(out)
@@ -117,8 +103,8 @@ class CLIPMLP(nnx.Module):
         # compare equal across model instances for jit caches to be shared.
         self.act_name = config.hidden_act
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = nnx.Linear(config.hidden_size, config.intermediate_size, **kw)
-        self.fc2 = nnx.Linear(config.intermediate_size, config.hidden_size, **kw)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, **kw)
 
     def __call__(self, x: Array) -> Array:
         return self.fc2(activation(self.act_name)(self.fc1(x)))
@@ -140,20 +126,33 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
+    """`layers`: a stack of `num_hidden_layers` CLIPEncoderLayers (parameters [N, ...])."""
+
+    layer_stacks = ("layers",)
+
     def __init__(self, config: CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [
-                CLIPEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for _ in range(config.num_hidden_layers)
-            ]
+        self.layers = stacked(
+            lambda r: CLIPEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            config.num_hidden_layers,
+            rngs,
         )
 
 
 class CLIPVisionTower(nnx.Module):
-    """The CLIP vision transformer without heads (HF `CLIPVisionModel`)."""
+    """The CLIP vision transformer without heads (HF `CLIPVisionModel`). `remat` (False / True / "none" /
+    "full" / "save_dots", see `remat.Remat`) checkpoints the scanned encoder layer."""
 
-    def __init__(self, config: CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: CLIPVisionConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        remat: bool | str = False,
+        rngs: nnx.Rngs,
+    ):
         self.config = config
+        self.remat = Remat.parse(remat)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = CLIPVisionEmbeddings(config, **kw)
         self.pre_layrnorm = _layer_norm(config.hidden_size, config.layer_norm_eps, dtype, param_dtype, rngs)
@@ -167,11 +166,16 @@ class CLIPVisionTower(nnx.Module):
         if not 0 <= num_layers <= self.config.num_hidden_layers:
             raise ValueError(f"num_layers must be in [0, {self.config.num_hidden_layers}], got {num_layers}")
         x = self.pre_layrnorm(self.embeddings(pixel_values))
-        states = [x]
-        for layer in self.encoder.layers[:num_layers]:
-            x = layer(x)
-            states.append(x)
-        return states
+        if num_layers == 0:
+            return [x]
+
+        def step(layer: CLIPEncoderLayer, hidden: Array, _) -> tuple[Array, Array]:
+            hidden = layer(hidden)
+            return hidden, hidden
+
+        # LLaVA stops below the top layer; scanning a slice of the stack skips the layers above.
+        _, states = scan_layers(leading(self.encoder.layers, num_layers), step, x, remat=self.remat)
+        return [x, *states]
 
     def pooled(self, pixel_values: Array) -> Array:
         """CLIP's pooled output: post_layernorm of the last layer's CLS state. [N, H, W, C] -> [N, D]."""

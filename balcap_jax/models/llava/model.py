@@ -56,25 +56,25 @@ class LlavaModel(nnx.Module):
     """Everything but the LM head (HF `LlavaModel`)."""
 
     def __init__(
-        self, config: LlavaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+        self, config: LlavaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False,
         rngs: nnx.Rngs,
     ):
         self.config = config
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.vision_tower = CLIPVisionTower(config.vision, **kw)
+        self.vision_tower = CLIPVisionTower(config.vision, remat=remat, **kw)
         self.multi_modal_projector = LlavaMultiModalProjector(config, **kw)
         self.language_model = TextModel(config.text, remat=remat, **kw)
 
     def image_features(self, pixel_values: Array) -> Array:
         """[N, H, W, 3] -> projected features [N, image_seq_length, D_text]."""
         cfg = self.config
-        features = self.vision_tower.select_features(
-            pixel_values.astype(self.dtype),
-            cfg.feature_layers,
-            drop_cls=cfg.vision_feature_select_strategy == "default",
-        )
-        return self.multi_modal_projector(features)
+        drop_cls = cfg.vision_feature_select_strategy == "default"
+        features = self.vision_tower.select_features(pixel_values.astype(self.dtype), cfg.feature_layers, drop_cls)
+        # For an int feature layer HF slices the CLS off its hidden states, `[:, 1:]`: a strided view unless there
+        # is a single image (a list of layers is concatenated into a fresh tensor); its bf16 rounding follows.
+        strided = drop_cls and isinstance(cfg.vision_feature_layer, int) and pixel_values.shape[0] > 1
+        return self.multi_modal_projector(features, strided_input=strided)
 
     def embed(self, inputs: SequenceInputs) -> Array:
         """Token embeddings with image features in the placeholder slots. -> [B, T, D]."""
@@ -98,7 +98,7 @@ class LlavaForCausalLM(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
         rngs: nnx.Rngs,
     ):
         self.config = config

@@ -10,6 +10,9 @@ kernel [kh, kw, C, D] <-> torch [D, C, kh, kw] is the same rule). Loading accept
     model.language_model.*               language_model.model.*
     lm_head.*                            language_model.lm_head.*
 
+The decoder and CLIP encoder layers are layer stacks ([L, ...] leaves, HF's per-layer keys); the mappings get
+their prefixes from the module (`layer_stack.layer_stack_prefixes`).
+
 Export writes the llava-hf layout by default (what the Hub checkpoints, older transformers and vLLM read);
 `layout="transformers5"` writes the canonical keys instead. Both load in transformers 5.x.
 """
@@ -25,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from balcap_jax.models.hf_io import ParamMapping, load_hf_state, read_hf_config, save_hf_state
+from balcap_jax.models.layer_stack import layer_stack_prefixes
 from balcap_jax.models.llava.config import LlavaConfig
 from balcap_jax.models.llava.model import LlavaForCausalLM
 from balcap_jax.models.llava.sharding import LlavaSharding
@@ -69,7 +73,7 @@ def llava_param_mapping(config: LlavaConfig, *, layout: Layout = "transformers5"
 
 
 def abstract_llava(
-    config: LlavaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False
+    config: LlavaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False
 ) -> LlavaForCausalLM:
     """The model with `ShapeDtypeStruct` leaves: shapes and parameter counts without allocating weights."""
     return nnx.eval_shape(
@@ -82,7 +86,7 @@ def load_llava(
     *,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
     mesh: Mesh | None = None,
     sharding: LlavaSharding | None = None,
     config: LlavaConfig | None = None,
@@ -99,7 +103,8 @@ def load_llava(
     if mesh is not None:
         sharding = sharding or LlavaSharding.training()
         target = sharding.abstract_params(state, mesh)
-    loaded = load_hf_state(directory, target, llava_param_mapping(config))
+    mapping = llava_param_mapping(config).with_stacked(layer_stack_prefixes(abstract))
+    loaded = load_hf_state(directory, target, mapping)
     return nnx.merge(graphdef, loaded)
 
 
@@ -119,7 +124,7 @@ def save_llava(
     return save_hf_state(
         state,
         directory,
-        llava_param_mapping(model.config, layout=layout),
+        llava_param_mapping(model.config, layout=layout).with_stacked(layer_stack_prefixes(model)),
         # transformers 5 reads `dtype`, 4.x and vLLM `torch_dtype`.
         config=model.config.to_hf_dict() | {"dtype": dtype_name, "torch_dtype": dtype_name},
         dtype=dtype,

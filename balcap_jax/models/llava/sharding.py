@@ -4,7 +4,8 @@ Tensor parallelism is Megatron-style: the first matmul of each pair (q/k/v, gate
 is split over its output features, the second (o_proj, down_proj, out_proj, fc2, linear_2) over its input
 features, so each attention/MLP block needs one reduction. FSDP shards the other weight axis (training only:
 the sampling layout keeps weights whole along fsdp so decode does not all-gather every layer every token).
-Norms, biases of row-split layers and the CLS embedding are small and replicated.
+Norms, biases of row-split layers and the CLS embedding are small and replicated. Decoder and CLIP encoder layers
+are layer stacks whose parameters lead with a layer axis; it is never sharded (a leading None in their specs).
 """
 
 from __future__ import annotations
@@ -19,24 +20,23 @@ from jax.sharding import Mesh, PartitionSpec as P
 from balcap_jax.parallel.mesh import BATCH_AXES, FSDP, TENSOR
 from balcap_jax.parallel.sharding import RuleShardingMixin
 
-_INT = r"\d+"
-
-
 def _rules(fsdp: str | None, tensor: str | None) -> tuple[tuple[str, P], ...]:
     col = P(fsdp, tensor)  # [in, out] split over out
     row = P(tensor, fsdp)  # [in, out] split over in
+    # The same behind a layer stack's replicated layer axis: [L, in, out].
+    layer_col, layer_row, layer_tensor = P(None, fsdp, tensor), P(None, tensor, fsdp), P(None, tensor)
     text = r"model\.language_model"
     vision = r"model\.vision_tower"
     return (
         # Llama decoder.
         (rf"{text}\.embed_tokens\.embedding", P(tensor, fsdp)),  # [V, D]
-        (rf"{text}\.layers\.{_INT}\.self_attn\.[qkv]_proj\.kernel", col),
-        (rf"{text}\.layers\.{_INT}\.self_attn\.[qkv]_proj\.bias", P(tensor)),
-        (rf"{text}\.layers\.{_INT}\.self_attn\.o_proj\.kernel", row),
-        (rf"{text}\.layers\.{_INT}\.self_attn\.o_proj\.bias", P()),
-        (rf"{text}\.layers\.{_INT}\.mlp\.(gate|up)_proj\.kernel", col),
-        (rf"{text}\.layers\.{_INT}\.mlp\.down_proj\.kernel", row),
-        (rf"{text}\.(layers\.{_INT}\.)?\w*norm\.scale", P()),
+        (rf"{text}\.layers\.self_attn\.[qkv]_proj\.kernel", layer_col),
+        (rf"{text}\.layers\.self_attn\.[qkv]_proj\.bias", layer_tensor),
+        (rf"{text}\.layers\.self_attn\.o_proj\.kernel", layer_row),
+        (rf"{text}\.layers\.self_attn\.o_proj\.bias", P()),
+        (rf"{text}\.layers\.mlp\.(gate|up)_proj\.kernel", layer_col),
+        (rf"{text}\.layers\.mlp\.down_proj\.kernel", layer_row),
+        (rf"{text}\.(layers\.)?\w*norm\.scale", P()),
         (r"lm_head\.kernel", col),  # [D, V]
         # Projector.
         (r"model\.multi_modal_projector\.linear_1\.kernel", col),
@@ -47,14 +47,14 @@ def _rules(fsdp: str | None, tensor: str | None) -> tuple[tuple[str, P], ...]:
         (rf"{vision}\.embeddings\.patch_embedding\.kernel", P(None, None, None, fsdp)),  # [kh, kw, C, D]
         (rf"{vision}\.embeddings\.position_embedding\.embedding", P(None, fsdp)),  # [1 + P, D]
         (rf"{vision}\.embeddings\.class_embedding", P()),
-        (rf"{vision}\.encoder\.layers\.{_INT}\.self_attn\.[qkv]_proj\.kernel", col),
-        (rf"{vision}\.encoder\.layers\.{_INT}\.self_attn\.[qkv]_proj\.bias", P(tensor)),
-        (rf"{vision}\.encoder\.layers\.{_INT}\.self_attn\.out_proj\.kernel", row),
-        (rf"{vision}\.encoder\.layers\.{_INT}\.mlp\.fc1\.kernel", col),
-        (rf"{vision}\.encoder\.layers\.{_INT}\.mlp\.fc1\.bias", P(tensor)),
-        (rf"{vision}\.encoder\.layers\.{_INT}\.mlp\.fc2\.kernel", row),
-        (rf"{vision}\.encoder\.layers\.{_INT}\.(self_attn\.out_proj|mlp\.fc2)\.bias", P()),
-        (rf"{vision}\.(encoder\.layers\.{_INT}\.layer_norm[12]|pre_layrnorm|post_layernorm)\.(scale|bias)", P()),
+        (rf"{vision}\.encoder\.layers\.self_attn\.[qkv]_proj\.kernel", layer_col),
+        (rf"{vision}\.encoder\.layers\.self_attn\.[qkv]_proj\.bias", layer_tensor),
+        (rf"{vision}\.encoder\.layers\.self_attn\.out_proj\.kernel", layer_row),
+        (rf"{vision}\.encoder\.layers\.mlp\.fc1\.kernel", layer_col),
+        (rf"{vision}\.encoder\.layers\.mlp\.fc1\.bias", layer_tensor),
+        (rf"{vision}\.encoder\.layers\.mlp\.fc2\.kernel", layer_row),
+        (rf"{vision}\.encoder\.layers\.(self_attn\.out_proj|mlp\.fc2)\.bias", P()),
+        (rf"{vision}\.(encoder\.layers\.layer_norm[12]|pre_layrnorm|post_layernorm)\.(scale|bias)", P()),
     )
 
 

@@ -43,7 +43,7 @@ def scatter_image_embeddings(embeds: Array, is_image: Array, image_embeds: Array
 class Qwen2_5_VLModel(nnx.Module):
     """Vision tower + text decoder (HF `Qwen2_5_VLModel`)."""
 
-    def __init__(self, config: Qwen2_5_VLConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
+    def __init__(self, config: Qwen2_5_VLConfig, *, dtype, param_dtype, remat: bool | str, rngs: nnx.Rngs):
         self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
         self.language_model = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
 
@@ -58,7 +58,7 @@ class Qwen2_5_VL(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
     ):
         self.config = config
         self.model = Qwen2_5_VLModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)

@@ -8,6 +8,8 @@ This file adds what is Qwen-specific:
     transformers 5 `save_pretrained` still writes) and the nested module one (`model.language_model.*`,
     `model.visual.*`; `state_dict()` names). Both load; exports write the flat one by default;
   * the tied `lm_head.weight` that some checkpoints still carry for tied models (3B), ignored on load;
+  * the layer stacks (decoder layers, vision blocks: one [L, ...] leaf per parameter kind, HF's per-layer keys),
+    found from the module by `layer_stack.layer_stack_prefixes`, so mappings built by hand work too;
   * loading straight into sharded arrays (`load_qwen2_5_vl`), exporting (`save_qwen2_5_vl`), and an in-memory
     converter for torch state dicts (`from_hf_tensors`, used by tests and the parity tool).
 """
@@ -25,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from balcap_jax.models import hf_io
+from balcap_jax.models.layer_stack import layer_stack_prefixes
 from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from balcap_jax.models.qwen2_5_vl.model import Qwen2_5_VL
 from balcap_jax.models.qwen2_5_vl.sharding import QwenSharding
@@ -70,7 +73,9 @@ def qwen2_5_vl_mapping(
     )
 
 
-def abstract_model(config: Qwen2_5_VLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False):
+def abstract_model(
+    config: Qwen2_5_VLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False
+) -> Qwen2_5_VL:
     """The module with shape-only parameters (`nnx.eval_shape`): nothing is allocated."""
     return nnx.eval_shape(
         lambda: Qwen2_5_VL(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat)
@@ -87,7 +92,7 @@ def load_qwen2_5_vl(
     *,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
     mesh: Mesh | None = None,
     sharding: QwenSharding | None = None,
     config: Qwen2_5_VLConfig | None = None,
@@ -104,7 +109,8 @@ def load_qwen2_5_vl(
     if mesh is not None:
         target = (sharding or QwenSharding.training()).abstract_params(target, mesh)
     keys = hf_io.SafetensorsDirectory(directory).keys()
-    mapping = qwen2_5_vl_mapping(config, keys, export_layout="nested")  # names resolve in the module layout
+    # names resolve in the module layout
+    mapping = qwen2_5_vl_mapping(config, keys, export_layout="nested").with_stacked(layer_stack_prefixes(abstract))
     return _merge(abstract, hf_io.load_hf_state(directory, target, mapping))
 
 
@@ -126,9 +132,9 @@ def save_qwen2_5_vl(
     params = nnx.state(model, nnx.Param)
     config = dict(hf_config) if hf_config is not None else model.config.to_hf()
     config["torch_dtype"] = _torch_dtype_name(params, dtype)
+    mapping = qwen2_5_vl_mapping(model.config, export_layout=layout).with_stacked(layer_stack_prefixes(model))
     return hf_io.save_hf_state(
-        params, directory, qwen2_5_vl_mapping(model.config, export_layout=layout), config=config, dtype=dtype,
-        max_shard_size=max_shard_size,
+        params, directory, mapping, config=config, dtype=dtype, max_shard_size=max_shard_size
     )
 
 
@@ -151,22 +157,33 @@ def from_hf_tensors(
     """In-memory conversion: a concrete module from `abstract` (or a real module) and HF tensors (numpy or torch).
 
     `hf_prefix` selects a sub-module's tensors, e.g. "model.language_model.layers.0." for a single
-    `DecoderLayer`. Raises HFWeightsError naming missing keys and shape mismatches.
+    `DecoderLayer`. The module's layer stacks are added to `mapping` (each stacked leaf gathers its per-layer
+    tensors). Raises HFWeightsError naming missing keys and shape mismatches.
     """
+    mapping = mapping.with_stacked(layer_stack_prefixes(abstract))
     params = nnx.state(abstract, nnx.Param)
     canonical = {mapping.canonical_checkpoint_key(k): k for k in tensors}
     problems: list[str] = []
 
-    def convert(name: str, leaf: Any) -> jax.Array:
+    def convert_one(name: str, shape: tuple[int, ...]) -> np.ndarray | None:
         key = hf_prefix + mapping.hf_key(name)
         if key not in canonical:
             problems.append(f"missing {key!r} (for our {name!r})")
-            return leaf
+            return None
         array = np.asarray(mapping.transform(name, key).to_ours(_numpy(tensors[canonical[key]])))
-        if array.shape != tuple(leaf.shape):
-            problems.append(f"{key!r}: shape {array.shape} after transform, ours {name!r} is {tuple(leaf.shape)}")
-            return leaf
-        return jnp.asarray(array, dtype=leaf.dtype)
+        if array.shape != shape:
+            problems.append(f"{key!r}: shape {array.shape} after transform, ours {name!r} is {shape}")
+            return None
+        return array
+
+    def convert(name: str, leaf: Any) -> jax.Array:
+        layer_names = mapping.layer_names(name, leaf.shape)
+        if layer_names is None:
+            array = convert_one(name, tuple(leaf.shape))
+        else:
+            layers = [convert_one(layer_name, tuple(leaf.shape[1:])) for layer_name in layer_names]
+            array = None if any(layer is None for layer in layers) else np.stack(layers)
+        return leaf if array is None else jnp.asarray(array, dtype=leaf.dtype)
 
     converted = map_with_names(convert, params)
     if problems:
@@ -175,11 +192,16 @@ def from_hf_tensors(
 
 
 def to_hf_tensors(model: nnx.Module, mapping: hf_io.ParamMapping) -> dict[str, np.ndarray]:
-    """In-memory export: {HF key: numpy array} for every parameter of `model`."""
+    """In-memory export: {HF key: numpy array} for every parameter of `model` (one per layer of a stack)."""
+    mapping = mapping.with_stacked(layer_stack_prefixes(model))
     out = {}
     for name, leaf in named_leaves(nnx.state(model, nnx.Param)):
-        key = mapping.hf_key(name)
-        out[key] = np.ascontiguousarray(mapping.transform(name, key).to_hf(np.asarray(jax.device_get(leaf))))
+        host = np.asarray(jax.device_get(leaf))
+        layer_names = mapping.layer_names(name, host.shape)
+        parts = [(name, host)] if layer_names is None else list(zip(layer_names, host))
+        for part_name, array in parts:
+            key = mapping.hf_key(part_name)
+            out[key] = np.ascontiguousarray(mapping.transform(part_name, key).to_hf(array))
     return out
 
 

@@ -9,6 +9,10 @@ Two layouts:
 The vision tower (~0.7B parameters, run once per image) gets FSDP on its matrices and tensor parallelism on its
 MLP only: its fused qkv would otherwise be cut across the q/k/v boundary.
 
+Decoder layers and vision blocks are layer stacks: their parameters carry a leading layer axis, which is never
+sharded (every device holds its slice of every layer; the scan walks the layers), so each of their specs below
+gains a leading None in `rules()`.
+
 Dimensions a mesh axis does not divide (tiny test models, 2 KV heads over 4 tensor shards) are replicated
 instead, with a warning (`parallel.sharding.fit_spec(on_indivisible="replicate")`).
 """
@@ -24,13 +28,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from balcap_jax.parallel.mesh import BATCH_AXES, FSDP, TENSOR
 from balcap_jax.parallel.sharding import RuleShardingMixin
 
-_LAYER = r"model\.language_model\.layers\.\d+\."
-_BLOCK = r"model\.visual\.blocks\.\d+\."
+_LAYER = r"model\.language_model\.layers\."  # the decoder layer stack
+_BLOCK = r"model\.visual\.blocks\."  # the vision block stack
+
+
+def with_layer_axis(spec: P) -> P:
+    """The spec of a layer stack's [L, ...] parameter: the per-layer `spec` behind a replicated layer axis."""
+    return P(None, *spec)
 
 
 @dataclasses.dataclass(frozen=True)
 class QwenSharding(RuleShardingMixin):
-    """PartitionSpecs per parameter kind (shapes in our [in, out] kernel layout) and for activations."""
+    """PartitionSpecs per parameter kind (shapes of one layer, in our [in, out] kernel layout; `rules()` puts the
+    layer axis in front for the stacked ones) and for activations."""
 
     # decoder
     embed: P  # embed_tokens.embedding [V, D]
@@ -94,17 +104,17 @@ class QwenSharding(RuleShardingMixin):
         return [
             (r"model\.language_model\.embed_tokens\.embedding", self.embed),
             (r"lm_head\.kernel", self.lm_head),
-            (_LAYER + r"self_attn\.[qkv]_proj\.kernel", self.attn_in),
-            (_LAYER + r"self_attn\.[qkv]_proj\.bias", self.attn_in_bias),
-            (_LAYER + r"self_attn\.o_proj\.kernel", self.attn_out),
-            (_LAYER + r"mlp\.(gate|up)_proj\.kernel", self.mlp_in),
-            (_LAYER + r"mlp\.(gate|up)_proj\.bias", self.mlp_in_bias),
-            (_LAYER + r"mlp\.down_proj\.kernel", self.mlp_out),
+            (_LAYER + r"self_attn\.[qkv]_proj\.kernel", with_layer_axis(self.attn_in)),
+            (_LAYER + r"self_attn\.[qkv]_proj\.bias", with_layer_axis(self.attn_in_bias)),
+            (_LAYER + r"self_attn\.o_proj\.kernel", with_layer_axis(self.attn_out)),
+            (_LAYER + r"mlp\.(gate|up)_proj\.kernel", with_layer_axis(self.mlp_in)),
+            (_LAYER + r"mlp\.(gate|up)_proj\.bias", with_layer_axis(self.mlp_in_bias)),
+            (_LAYER + r"mlp\.down_proj\.kernel", with_layer_axis(self.mlp_out)),
             (r"model\.visual\.patch_embed\.proj\.kernel", self.vision_patch),
-            (_BLOCK + r"mlp\.(gate|up)_proj\.kernel", self.mlp_in),
-            (_BLOCK + r"mlp\.(gate|up)_proj\.bias", self.mlp_in_bias),
-            (_BLOCK + r"mlp\.down_proj\.kernel", self.mlp_out),
-            (_BLOCK + r"attn\.(qkv|proj)\.kernel", self.vision_in),
+            (_BLOCK + r"mlp\.(gate|up)_proj\.kernel", with_layer_axis(self.mlp_in)),
+            (_BLOCK + r"mlp\.(gate|up)_proj\.bias", with_layer_axis(self.mlp_in_bias)),
+            (_BLOCK + r"mlp\.down_proj\.kernel", with_layer_axis(self.mlp_out)),
+            (_BLOCK + r"attn\.(qkv|proj)\.kernel", with_layer_axis(self.vision_in)),
             (r"model\.visual\.merger\.mlp\.\d+\.kernel", self.vision_in),
             (r".*(norm|norm1|norm2|ln_q|layernorm)\.scale", self.replicated),
             (r".*\.bias", self.replicated),

@@ -1,7 +1,9 @@
 """The Qwen2 text decoder (GQA with q/k/v bias, RMSNorm, SwiGLU, 1-D RoPE or M-RoPE), also serving Llama.
 
-Module attribute names mirror HF's `Qwen2_5_VLTextModel` / `LlamaModel` (`embed_tokens`, `layers[i].self_attn.
-q_proj`, `layers[i].mlp.gate_proj`, `norm`, ...) so checkpoint conversion is rule-based (see params.py).
+Module attribute names mirror HF's `Qwen2_5_VLTextModel` / `LlamaModel` (`embed_tokens`, `layers.self_attn.
+q_proj`, `layers.mlp.gate_proj`, `norm`, ...) so checkpoint conversion is rule-based (see params.py). The decoder
+layers are one layer stack (`layer_stack.py`: parameters [L, ...], one `lax.scan`); HF's per-layer keys
+`layers.{i}.*` map onto its layer axis.
 
 Three entry points share one layer implementation:
   * `__call__`  full sequence, no cache (training forward / log-probs);
@@ -21,7 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from balcap_jax.models.interface import CacheSpec, KVCache
+from balcap_jax.models.layer_stack import layer_indices, scan_layers, stacked
 from balcap_jax.models.layers import (
+    Linear,
     RMSNorm,
     SwiGLU,
     activation,
@@ -34,6 +38,7 @@ from balcap_jax.models.layers import (
     rope_inv_freq,
     write_cache_layer,
 )
+from balcap_jax.models.remat import Remat
 
 Array = jax.Array
 
@@ -138,10 +143,10 @@ class Attention(nnx.Module):
     def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         c = config
         linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.qkv_bias, **linear)
-        self.k_proj = nnx.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **linear)
-        self.v_proj = nnx.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **linear)
-        self.o_proj = nnx.Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **linear)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.qkv_bias, **linear)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **linear)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **linear)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **linear)
         self.head_dim = c.head_dim
 
     def __call__(
@@ -151,13 +156,13 @@ class Attention(nnx.Module):
         sin: Array,
         mask: Array,
         cache_kv: tuple[Array, Array] | None = None,
-        layer: int = 0,
+        layer: Array | int = 0,
         write_slot: Array | int = 0,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """x [B, T, D]; cos/sin [B, T, Dh]; mask bool[B, T, S] over keys (S = T without a cache, else the
         cache length). With `cache_kv` = (k, v) [L, B, S, H_kv, Dh], this step's keys/values are written at
-        layer `layer`, slots [write_slot, write_slot + T), and attention reads the whole cache layer.
-        Returns ([B, T, D], updated cache_kv or None)."""
+        layer `layer` (int or int32[], the scan's layer index), slots [write_slot, write_slot + T), and
+        attention reads the whole cache layer. Returns ([B, T, D], updated cache_kv or None)."""
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, -1, self.head_dim)
         k = self.k_proj(x).reshape(batch, length, -1, self.head_dim)
@@ -191,7 +196,7 @@ class DecoderLayer(nnx.Module):
             config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype
         )
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, layer: int = 0, write_slot=0):
+    def __call__(self, x, cos, sin, mask, cache_kv=None, layer: Array | int = 0, write_slot=0):
         """See `Attention.__call__`; returns ([B, T, D], cache_kv)."""
         attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, layer, write_slot)
         x = x + attn_out
@@ -204,7 +209,13 @@ class TextModel(nnx.Module):
 
     Positions: int[B, T] for 1-D RoPE configs, int[3, B, T] (t, h, w) for M-RoPE configs. An M-RoPE model
     also accepts int[B, T] (text-only: the same position on all three axes).
+
+    `layers` is a stack of `num_layers` DecoderLayers (parameters [L, ...]) run by one scan; `remat` (False /
+    True / "none" / "full" / "save_dots", see `remat.Remat`) checkpoints the scanned layer in the training
+    forward.
     """
+
+    layer_stacks = ("layers",)
 
     def __init__(
         self,
@@ -212,17 +223,17 @@ class TextModel(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
         rngs: nnx.Rngs,
     ):
         self.config = config
         self.dtype = dtype
-        self.remat = remat
+        self.remat = Remat.parse(remat)
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
+        self.layers = stacked(
+            lambda r: DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r), config.num_layers, rngs
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
 
@@ -245,13 +256,19 @@ class TextModel(nnx.Module):
         return rope_cos_sin(positions, inv_freq)
 
     def _layers(self, x, cos, sin, mask, cache_kv, write_slot):
-        x = constrain_batch(x)
-        for i, layer in enumerate(self.layers):
-            if self.remat and cache_kv is None:
-                x, _ = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask)
-            else:
-                x, cache_kv = layer(x, cos, sin, mask, cache_kv, i, write_slot)
-            x = constrain_batch(x)
+        """All layers, then the final norm. With a cache, the whole stacked cache rides in the scan carry and each
+        layer writes its own slice in place (no per-layer copies of the cache)."""
+
+        def step(layer: DecoderLayer, carry, index):
+            hidden, kv = carry
+            hidden, kv = layer(hidden, cos, sin, mask, kv, index, write_slot)
+            return (constrain_batch(hidden), kv), None
+
+        # Remat only matters where a backward pass follows: the cache-free training forward.
+        remat = self.remat if cache_kv is None else Remat.NONE
+        (x, cache_kv), _ = scan_layers(
+            self.layers, step, (constrain_batch(x), cache_kv), layer_indices(self.config.num_layers), remat=remat
+        )
         return self.norm(x), cache_kv
 
     # -- entry points ---------------------------------------------------------------------------------------

@@ -12,9 +12,14 @@ ever compares keys within one window-sized block of the query's (windows are con
 `window_patches` long), so its cost is linear in the number of patches; which keys count is still decided by
 segment equality alone.
 
-Attribute names mirror HF's `Qwen2_5_VisionTransformerPretrainedModel` (`patch_embed.proj`, `blocks[i].attn.qkv`,
-`blocks[i].mlp.gate_proj`, `merger.ln_q`, `merger.mlp[0]` / `merger.mlp[2]`), so checkpoints convert by rule;
-the one exception, the Conv3d patch projection, is declared in `hf_special_cases`.
+The blocks are one layer stack (`layer_stack.py`: parameters [depth, ...]) run by one `lax.scan`, so the
+compiled tower holds one block whatever the depth. Windowed and full-attention blocks share their weights'
+shapes and differ only in the segments they attend over; each scan step picks its attention with `lax.cond`
+on a per-block flag (only the chosen branch runs).
+
+Attribute names mirror HF's `Qwen2_5_VisionTransformerPretrainedModel` (`patch_embed.proj`, `blocks.attn.qkv`
+for HF's `blocks.{i}.attn.qkv`, `blocks.mlp.gate_proj`, `merger.ln_q`, `merger.mlp[0]` / `merger.mlp[2]`), so
+checkpoints convert by rule; the one exception, the Conv3d patch projection, is declared in `hf_special_cases`.
 """
 
 from __future__ import annotations
@@ -29,10 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from balcap_jax.models.layers import RMSNorm, SwiGLU, apply_rotary
+from balcap_jax.models.layer_stack import scan_layers, stacked
+from balcap_jax.models.layers import Linear, RMSNorm, SwiGLU, apply_rotary, attention_scores, gelu
+from balcap_jax.models.remat import Remat
 
 Array = jax.Array
 VisionInputs = Mapping[str, Array]
+# (q, k, v) [N, H, Dh] -> [N, H, Dh]: how one block attends (see `window_attention`, `full_attention`).
+Attend = Callable[[Array, Array, Array], Array]
 
 # Keys of `vision_host.prepare_vision_inputs` that the tower reads.
 VISION_INPUT_KEYS = (
@@ -144,12 +153,12 @@ def segment_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_seg
     """Softmax attention where a query sees exactly the keys of its own segment (no causality).
 
     q [..., Q, H, Dh], k/v [..., K, H, Dh], q_segment_ids int[..., Q], kv_segment_ids int[..., K].
-    Logits and softmax in fp32. Every query must share a segment with at least one key (the tower guarantees
-    it: each query's own position is always among the keys). Returns [..., Q, H, Dh] in v's dtype.
+    Softmax in fp32 over logits rounded as HF rounds them (`layers.attention_scores`). Every query must share
+    a segment with at least one key (the tower guarantees it: each query's own position is always among the
+    keys). Returns [..., Q, H, Dh] in v's dtype.
     """
     chex.assert_equal_shape([k, v])
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = attention_scores("...qhd,...khd->...hqk", q, k, q.shape[-1] ** -0.5)
     same_segment = q_segment_ids[..., None, :, None] == kv_segment_ids[..., None, None, :]
     logits = jnp.where(same_segment, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -221,14 +230,29 @@ def _largest_dividing_chunk(n: int, limit: int, granule: int) -> int:
     return n
 
 
+def window_attention(segment_ids: Array, *, block_size: int) -> Attend:
+    """A windowed block's attention: `local_segment_attention` over segments at most `block_size` long."""
+    return lambda q, k, v: local_segment_attention(q, k, v, segment_ids, block_size=block_size)
+
+
+def full_attention(segment_ids: Array, *, query_chunk: int) -> Attend:
+    """A full-attention block's attention: each image frame attends to itself, `query_chunk` queries at a time."""
+    return lambda q, k, v: chunked_segment_attention(q, k, v, segment_ids, query_chunk=query_chunk)
+
+
+def selected_attention(
+    is_full: Array, window_segment_ids: Array, full_segment_ids: Array, *, block_size: int, query_chunk: int
+) -> Attend:
+    """`full_attention` where bool[] `is_full` holds, else `window_attention`: one `lax.cond`, so a scan over
+    blocks of both kinds compiles each kind once and runs only the chosen one (the projections stay outside)."""
+    window = window_attention(window_segment_ids, block_size=block_size)
+    full = full_attention(full_segment_ids, query_chunk=query_chunk)
+    return lambda q, k, v: jax.lax.cond(is_full, full, window, q, k, v)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _exact_gelu(x: Array) -> Array:
-    """torch.nn.GELU() (erf form), as the merger uses."""
-    return jax.nn.gelu(x, approximate=False)
 
 
 class PatchProjection(nnx.Module):
@@ -266,26 +290,19 @@ class VisionAttention(nnx.Module):
 
     def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.qkv = nnx.Linear(config.hidden_size, 3 * config.hidden_size, **linear)
-        self.proj = nnx.Linear(config.hidden_size, config.hidden_size, **linear)
+        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size, **linear)
+        self.proj = Linear(config.hidden_size, config.hidden_size, **linear)
         self.num_heads = config.num_heads
 
-    def __call__(
-        self, x: Array, cos: Array, sin: Array, segment_ids: Array, *, window_block: int | None, query_chunk: int
-    ) -> Array:
-        """x [N, D]; cos/sin [N, Dh]; segment_ids int[N]. window_block=None attends over the whole sequence
-        (full-attention blocks, `query_chunk` queries at a time); an int uses block-local attention for
-        segments at most that long."""
+    def __call__(self, x: Array, cos: Array, sin: Array, attend: Attend) -> Array:
+        """x [N, D]; cos/sin [N, Dh]; `attend` the block's attention over its segments (`window_attention`,
+        `full_attention` or `selected_attention`). Returns [N, D]."""
         n, width = x.shape
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, -1), 1, 0)
         # Rotation in fp32, as the reference does, then back to the compute dtype.
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
-        if window_block is None:
-            out = chunked_segment_attention(q, k, v, segment_ids, query_chunk=query_chunk)
-        else:
-            out = local_segment_attention(q, k, v, segment_ids, block_size=window_block)
-        return self.proj(out.reshape(n, width))
+        return self.proj(attend(q, k, v).reshape(n, width))
 
 
 class VisionBlock(nnx.Module):
@@ -305,10 +322,9 @@ class VisionBlock(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(
-        self, x: Array, cos: Array, sin: Array, segment_ids: Array, *, window_block: int | None, query_chunk: int
-    ) -> Array:
-        x = x + self.attn(self.norm1(x), cos, sin, segment_ids, window_block=window_block, query_chunk=query_chunk)
+    def __call__(self, x: Array, cos: Array, sin: Array, attend: Attend) -> Array:
+        """x [N, D]; cos/sin [N, Dh]; `attend` as in `VisionAttention`. Returns [N, D]."""
+        x = x + self.attn(self.norm1(x), cos, sin, attend)
         return x + self.mlp(self.norm2(x))
 
 
@@ -319,12 +335,12 @@ class PatchMerger(nnx.Module):
         merged_width = config.hidden_size * config.merge_unit
         linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.ln_q = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
-        # Index 1 holds the activation so the linears sit at HF's `mlp.0` / `mlp.2`.
+        # Index 1 holds the activation (torch's erf GELU) so the linears sit at HF's `mlp.0` / `mlp.2`.
         self.mlp = nnx.List(
             [
-                nnx.Linear(merged_width, merged_width, **linear),
-                _exact_gelu,
-                nnx.Linear(merged_width, config.out_hidden_size, **linear),
+                Linear(merged_width, merged_width, **linear),
+                gelu,
+                Linear(merged_width, config.out_hidden_size, **linear),
             ]
         )
         self.merged_width = merged_width
@@ -335,15 +351,6 @@ class PatchMerger(nnx.Module):
         for layer in self.mlp:
             x = layer(x)
         return x
-
-
-def _block_application(window_block: int | None, query_chunk: int) -> Callable[..., Array]:
-    """block(x, cos, sin, segments) with the static attention layout bound (so `nnx.remat` traces only arrays)."""
-
-    def apply(block: VisionBlock, x: Array, cos: Array, sin: Array, segments: Array) -> Array:
-        return block(x, cos, sin, segments, window_block=window_block, query_chunk=query_chunk)
-
-    return apply
 
 
 class VisionTower(nnx.Module):
@@ -357,7 +364,12 @@ class VisionTower(nnx.Module):
     Inputs with a leading shard axis (`vision_host.prepare_sharded_vision_inputs`: patches [S, P, C*T*p*p], ...)
     are encoded shard by shard (vmapped) into [S, M, out_hidden_size]; sharding that axis like the batch keeps
     each device encoding only its own rows' images.
+
+    `blocks` is a stack of `depth` VisionBlocks (parameters [depth, ...]) run by one scan; `remat` (False / True /
+    "none" / "full" / "save_dots", see `remat.Remat`) checkpoints the scanned block.
     """
+
+    layer_stacks = ("blocks",)
 
     def __init__(
         self,
@@ -366,16 +378,20 @@ class VisionTower(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
         full_attention_query_chunk: int = 1024,
     ):
         self.config = config
-        self.remat = remat
+        self.remat = Remat.parse(remat)
         self.full_attention_query_chunk = full_attention_query_chunk
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.patch_embed = PatchEmbed(config, **kw)
-        self.blocks = nnx.List([VisionBlock(config, **kw) for _ in range(config.depth)])
-        self.merger = PatchMerger(config, **kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.patch_embed = PatchEmbed(config, rngs=rngs, **kw)
+        self.blocks = stacked(lambda r: VisionBlock(config, rngs=r, **kw), config.depth, rngs)
+        self.merger = PatchMerger(config, rngs=rngs, **kw)
+
+    def full_attention_flags(self) -> np.ndarray:
+        """bool[depth]: which blocks attend over whole frames (`fullatt_block_indexes`); the others are windowed."""
+        return np.isin(np.arange(self.config.depth), self.config.fullatt_block_indexes)
 
     def encode_patches(self, inputs: VisionInputs) -> Array:
         """Patch embedding and all blocks: [P, hidden_size] hidden states in window order (before the merger)."""
@@ -385,13 +401,15 @@ class VisionTower(nnx.Module):
         query_chunk = _largest_dividing_chunk(
             x.shape[0], self.full_attention_query_chunk, granule=self.config.window_patches
         )
-        for index, block in enumerate(self.blocks):
-            if index in self.config.fullatt_block_indexes:
-                segments, window_block = inputs["full_segment_ids"], None
-            else:
-                segments, window_block = inputs["window_segment_ids"], self.config.window_patches
-            apply = _block_application(window_block, query_chunk)
-            x = (nnx.remat(apply) if self.remat else apply)(block, x, cos, sin, segments)
+
+        def step(block: VisionBlock, x: Array, is_full: Array) -> tuple[Array, None]:
+            attend = selected_attention(
+                is_full, inputs["window_segment_ids"], inputs["full_segment_ids"],
+                block_size=self.config.window_patches, query_chunk=query_chunk,
+            )  # fmt: skip
+            return block(x, cos, sin, attend), None
+
+        x, _ = scan_layers(self.blocks, step, x, jnp.asarray(self.full_attention_flags()), remat=self.remat)
         return x
 
     def embed_images(self, inputs: VisionInputs) -> Array:

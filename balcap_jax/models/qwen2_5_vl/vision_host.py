@@ -180,6 +180,83 @@ def choose_bucket(num_patches: int, bucket_sizes: Sequence[int] | None, *, multi
     )
 
 
+def validate_images_per_prompt(images_per_prompt: Sequence[int] | np.ndarray | None, num_images: int) -> np.ndarray:
+    """Checks `images_per_prompt` int[n_prompts] against the batch's `num_images`; None -> one image per prompt.
+
+    Returns int64[n_prompts].
+    """
+    if images_per_prompt is None:
+        return np.ones((num_images,), np.int64)
+    counts = np.asarray(images_per_prompt)
+    if counts.ndim != 1 or (counts.size and not np.issubdtype(counts.dtype, np.integer)):
+        raise ValueError(
+            f"images_per_prompt must be a 1-D integer array (images of each prompt, in row order); got shape "
+            f"{counts.shape} and dtype {counts.dtype}"
+        )
+    if np.any(counts < 0) or int(counts.sum()) != num_images:
+        raise ValueError(
+            f"images_per_prompt={counts.tolist()} must be non-negative and sum to the number of images in grid_thw "
+            f"({num_images}); count each prompt's images in row order (images_per_prompt_from_tokens does this)"
+        )
+    return counts.astype(np.int64)
+
+
+def repeated_token_order(tokens_per_image: np.ndarray, images_per_prompt: np.ndarray, repeats: int) -> np.ndarray:
+    """Processor-order index of every output image token when each prompt's rows are tiled `repeats` times.
+
+    Prompt after prompt, the tokens of all the prompt's images (in order) are emitted `repeats` times: the
+    reading order of image placeholders in a prompt-major batch whose row p * G + g is a copy of prompt p.
+
+    tokens_per_image: int[n_images]; images_per_prompt: int[n_prompts] summing to n_images.
+    Returns int64[repeats * sum(tokens_per_image)].
+    """
+    token_bounds = np.concatenate([[0], np.cumsum(tokens_per_image)]).astype(np.int64)
+    image_bounds = np.concatenate([[0], np.cumsum(images_per_prompt)]).astype(np.int64)
+    runs = [
+        np.tile(np.arange(token_bounds[first], token_bounds[last]), repeats)
+        for first, last in zip(image_bounds[:-1], image_bounds[1:])
+    ]
+    return np.concatenate([np.zeros((0,), np.int64), *runs])
+
+
+def images_per_prompt_from_tokens(
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None,
+    grid_thw: np.ndarray,
+    *,
+    image_token_id: int,
+    spatial_merge_size: int,
+) -> np.ndarray:
+    """How many of the batch's images each prompt row holds, read off its `<|image_pad|>` count.
+
+    Images are dealt out to rows in order (the collate order of `grid_thw`), so row r owns the images whose
+    tokens add up to its placeholder count; a count that does not end on an image boundary is an error.
+
+    input_ids int[P, T]; attention_mask bool[P, T] or None (all real); grid_thw int[n_images, 3].
+    Returns int64[P].
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape [n_prompts, length]; got {ids.shape}")
+    is_image = ids == image_token_id
+    if attention_mask is not None:
+        is_image &= np.asarray(attention_mask).astype(bool)
+    per_row = is_image.sum(axis=1)
+    row_ends = np.cumsum(per_row)
+    image_ends = np.concatenate([[0], np.cumsum(num_image_tokens(grid_thw, spatial_merge_size))])
+    # Each row must end exactly where some image ends, and the last row where the last image ends.
+    last_image = np.searchsorted(image_ends, row_ends)
+    inside = last_image < image_ends.size
+    on_boundary = inside & (image_ends[np.minimum(last_image, image_ends.size - 1)] == row_ends)
+    if not np.all(on_boundary) or int(row_ends[-1] if row_ends.size else 0) != int(image_ends[-1]):
+        raise ValueError(
+            f"the rows' image tokens ({per_row.tolist()}) do not split into whole images of grid_thw (tokens per "
+            f"image: {np.diff(image_ends).tolist()}); give each row its own images, in row order, each expanded "
+            "to prod(grid)/merge² <|image_pad|> tokens"
+        )
+    return np.diff(np.concatenate([[0], last_image])).astype(np.int64)
+
+
 def prepare_vision_inputs(
     pixel_values: np.ndarray,
     grid_thw: np.ndarray,
@@ -187,6 +264,7 @@ def prepare_vision_inputs(
     *,
     bucket_sizes: Sequence[int] | None = DEFAULT_PATCH_BUCKETS,
     repeats: int = 1,
+    images_per_prompt: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Everything the jitted `VisionTower` needs for a batch of images, padded to a patch bucket.
 
@@ -195,9 +273,13 @@ def prepare_vision_inputs(
     grid_thw: int[n_images, 3]; N must equal sum(t*h*w).
     bucket_sizes: allowed padded patch counts (multiples of `config.window_patches`); None pads only to the next
         multiple of `config.window_patches` (one compilation per distinct patch count).
-    repeats: emit each image's tokens this many times in a row (image 0 x repeats, image 1 x repeats, ...), as
-        a batch holding G samples per prompt needs. The tower still encodes every image once: the copies are a
-        gather of its output (and their gradients add up), so this costs 1/repeats of repeating the pixels.
+    repeats: emit each prompt's image tokens this many times in a row, as a batch holding G samples per prompt
+        (prompt-major rows p * G + g) needs. The tower still encodes every image once: the copies are a gather
+        of its output (and their gradients add up), so this costs 1/repeats of repeating the pixels.
+    images_per_prompt: int[n_prompts], how many consecutive images (in `grid_thw` order) each prompt holds; 0
+        for a text-only prompt. A prompt's run is all its images in order, so prompt p with images (a, b)
+        yields a b a b ... (repeats times), the order its G tiled rows read them in. None means one image per
+        prompt, i.e. each image's tokens repeated on their own (image 0 x repeats, image 1 x repeats, ...).
 
     Returns a dict of numpy arrays, with P the padded patch count and M = repeats * P / merge²:
       "patches":              float32[P, C*T*p*p]  patches in window order; padding rows are zero.
@@ -241,13 +323,13 @@ def prepare_vision_inputs(
     positions[:num_patches] = merge_order_positions(grid, config.spatial_merge_size)[patch_order]
     cos, sin = vision_rotary_tables(positions, head_dim=config.head_dim, theta=config.rope_theta)
 
-    # Output token k (processor order, each image's run repeated) reads window-order merged row inverse[k];
+    # Output token k (processor order, each prompt's run repeated) reads window-order merged row inverse[k];
     # rows past the real tokens read any in-range row: token_valid zeroes them.
     to_window_order = np.argsort(layout.window_index)
-    token_bounds = np.concatenate([[0], np.cumsum(num_image_tokens(grid, config.spatial_merge_size))])
-    real = np.concatenate(
-        [np.tile(to_window_order[a:b], int(repeats)) for a, b in zip(token_bounds[:-1], token_bounds[1:])]
-    )
+    per_prompt = validate_images_per_prompt(images_per_prompt, len(grid))
+    real = to_window_order[
+        repeated_token_order(num_image_tokens(grid, config.spatial_merge_size), per_prompt, int(repeats))
+    ]
     padded_units = padded // unit
     outputs = int(repeats) * padded_units
     inverse = np.arange(outputs, dtype=np.int64) % padded_units
@@ -288,12 +370,14 @@ def prepare_sharded_vision_inputs(
     images_per_shard: Sequence[int],
     bucket_sizes: Sequence[int] | None = DEFAULT_PATCH_BUCKETS,
     repeats: int = 1,
+    images_per_prompt: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """`prepare_vision_inputs` for a batch split into S shards (e.g. the rows each data-parallel device holds).
 
     The images (in batch order) are dealt out consecutively, `images_per_shard[s]` to shard s (0 allowed); all
     shards share the bucket of the fullest one. Every array gains a leading axis S, and `VisionTower` returns
-    [S, M, D]: shard s's image tokens first in row s, then padding. `repeats` as in `prepare_vision_inputs`.
+    [S, M, D]: shard s's image tokens first in row s, then padding. `repeats` and `images_per_prompt` as in
+    `prepare_vision_inputs`; a shard boundary must not fall inside a prompt's images.
     """
     grid = validate_grid_thw(grid_thw, config.spatial_merge_size)
     counts = [int(c) for c in images_per_shard]
@@ -312,13 +396,38 @@ def prepare_sharded_vision_inputs(
     patch_bounds = np.concatenate([[0], np.cumsum(patches_per_image)])[image_bounds]
     fullest = int(np.max(np.diff(patch_bounds)))
     padded = choose_bucket(max(fullest, 1), bucket_sizes, multiple=config.window_patches)
+    prompts = prompts_per_shard(validate_images_per_prompt(images_per_prompt, len(grid)), image_bounds)
     shards = [
-        prepare_vision_inputs(pixel_values[p0:p1], grid[i0:i1], config, bucket_sizes=(padded,), repeats=repeats)
+        prepare_vision_inputs(
+            pixel_values[p0:p1], grid[i0:i1], config, bucket_sizes=(padded,), repeats=repeats,
+            images_per_prompt=shard_prompts,
+        )
         if i1 > i0
         else empty_vision_inputs(config, padded, repeats=repeats)
-        for i0, i1, p0, p1 in zip(image_bounds[:-1], image_bounds[1:], patch_bounds[:-1], patch_bounds[1:])
+        for i0, i1, p0, p1, shard_prompts in zip(
+            image_bounds[:-1], image_bounds[1:], patch_bounds[:-1], patch_bounds[1:], prompts
+        )
     ]
     return {key: np.stack([shard[key] for shard in shards]) for key in shards[0]}
+
+
+def prompts_per_shard(images_per_prompt: np.ndarray, image_bounds: np.ndarray) -> list[np.ndarray]:
+    """The `images_per_prompt` of each shard's images [image_bounds[s], image_bounds[s + 1]).
+
+    Text-only prompts hold no image, so they are left out (they add no token anywhere). Raises when a shard
+    boundary cuts a prompt's images apart: its tiled rows would then read images from two shards.
+    """
+    with_images = images_per_prompt[images_per_prompt > 0]
+    prompt_ends = np.cumsum(with_images)
+    prompt_starts = prompt_ends - with_images
+    cut = [int(b) for b in image_bounds[1:-1] if np.any((prompt_starts < b) & (b < prompt_ends))]
+    if cut:
+        raise ValueError(
+            f"images_per_shard splits a prompt's images at image index {cut} (images_per_prompt="
+            f"{images_per_prompt.tolist()}); deal whole prompts to shards"
+        )
+    shard_ranges = zip(image_bounds[:-1], image_bounds[1:])
+    return [with_images[(prompt_starts >= i0) & (prompt_ends <= i1)] for i0, i1 in shard_ranges]
 
 
 def num_image_tokens(grid_thw: np.ndarray, spatial_merge_size: int) -> np.ndarray:
