@@ -36,6 +36,10 @@ TEST = [
     "accelerate>=1.0",  # transformers' GGUF loading path
 ]
 
+# Deviceless AOT compilation for pods (python -m balcap_jax.tools.aot): the real TPU and GPU compilers on any CPU.
+AOT_TPU = ["jax[tpu]==0.10.2"]
+AOT_GPU = ["jax==0.10.2", "jax-cuda12-plugin==0.10.2", "nvidia-cuda-nvcc-cu12", "nvidia-cudnn-cu12"]
+
 setup(
     name="balcap_jax",
     version="0.1.0",
@@ -44,5 +48,5 @@ setup(
     packages=find_packages(include=["balcap_jax", "balcap_jax.*"]),
     package_data={"balcap_jax": ["rewards/prompts/*.txt", "evaluation/prompts/*.txt"]},
     install_requires=RUNTIME,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "aot-tpu": AOT_TPU, "aot-gpu": AOT_GPU},
 )

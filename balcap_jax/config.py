@@ -82,7 +82,7 @@ def _fmt(value: Any) -> str:
 class Field:
     """One config field: its expected type and constraints.
 
-    kind: "int", "float", "bool", "str", "str_tuple", "float_tuple", "int_tuple".
+    kind: "int", "float", "bool", "str", "bool_or_str", "str_tuple", "float_tuple", "int_tuple".
     choices: allowed values (for str) or allowed members (for str_tuple).
     low/high: inclusive bounds; low_open/high_open make them exclusive.
     """
@@ -112,8 +112,9 @@ class Field:
 
 
 def _check_scalar(name: str, value: Any, kind: str, field: Field) -> list[str]:
-    types: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-    if isinstance(value, bool) and kind != "bool" or not isinstance(value, types[kind]):
+    types: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                                          "bool_or_str": (bool, str)}
+    if isinstance(value, bool) and kind not in ("bool", "bool_or_str") or not isinstance(value, types[kind]):
         return [f"{name} must be a {kind} ({field.doc})"]
     if field.choices is not None and value not in field.choices:
         allowed = ", ".join(repr(c) for c in field.choices)
@@ -143,7 +144,9 @@ SCHEMA: tuple[Field, ...] = (
     _f("model.hf_dir", "str", "local Hugging Face model directory; empty = random init from model.tiny"),
     _f("model.dtype", "str", "activation dtype", choices=DTYPES),
     _f("model.param_dtype", "str", "parameter dtype", choices=DTYPES),
-    _f("model.remat", "bool", "recompute layer activations in the backward pass (real-scale recipes)", optional=True),
+    _f("model.remat", "bool_or_str", "activations the scanned layers keep for the backward pass: False/'none' all, "
+       "True/'full' only each layer's input (recompute the rest), 'save_dots' the matmul outputs",
+       choices=(False, True, "none", "full", "save_dots"), optional=True),
     _f("model.release", "str", "released checkpoint whose shapes AOT tools use when hf_dir is unset", optional=True),
     # processes (multi-host); absent or num_processes <= 1: one process
     _f("distributed.num_processes", "int", "JAX processes in the run (one per host); 0 or 1 = single process",

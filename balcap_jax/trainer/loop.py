@@ -213,7 +213,9 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
     progress = metrics_lib.ConsoleProgress(total_steps, every=int(config.metrics.log_every))
     timer = metrics_lib.PhaseTimer()
 
-    with RewardManager(build_reward_components(config, workdir=workdir)) as manager:
+    # The models pin activations to the batch axes only under a mesh context (`layers.constrain_batch`), and the
+    # AOT tool compiles under the same context (tests/tools/test_tools_aot.py: identical update programs).
+    with jax.set_mesh(mesh), RewardManager(build_reward_components(config, workdir=workdir)) as manager:
         rl_step = RLStep(policy, sampler, rl_update, manager, config, mesh, for_sampling)
 
         def evaluate(tag: str, step: int) -> dict[str, float]:

@@ -132,7 +132,7 @@ def build_policy(config: Any, *, corpus: Iterable[str] | None, seed: int, mesh: 
     whole model)."""
     model_cfg = config.model
     dtype, param_dtype = _dtype(model_cfg.dtype), _dtype(model_cfg.param_dtype)
-    remat = bool(model_cfg.get("remat", False))
+    remat = model_cfg.get("remat", False)  # False/True or "none" | "full" | "save_dots" (models.remat)
     if model_cfg.hf_dir:
         return _from_hf_dir(config, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh)
     if model_cfg.name != "qwen2_5_vl":
@@ -156,7 +156,7 @@ def build_policy(config: Any, *, corpus: Iterable[str] | None, seed: int, mesh: 
     return Policy(family, qwen_config, model, tokenizer, image_config, vocab, eos_id=eos, pad_id=vocab.unk_id)
 
 
-def _from_hf_dir(config: Any, *, dtype, param_dtype, remat: bool, mesh: Any) -> Policy:
+def _from_hf_dir(config: Any, *, dtype, param_dtype, remat: bool | str, mesh: Any) -> Policy:
     from transformers import AutoTokenizer
 
     from balcap_jax.models.hf_io import read_hf_config

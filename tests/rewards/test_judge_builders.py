@@ -53,7 +53,8 @@ def test_training_evaluation_and_cli_build_the_same_judges(tmp_path):
 
 def test_new_judge_fields_are_optional_and_reach_the_clients(tmp_path):
     config = openai_config()
-    assert "image_max_side" not in config.rewards.judge  # configs written before these fields still work
+    with config.unlocked():  # configs written before these fields still work
+        del config.rewards.judge["image_max_side"], config.rewards.judge["response_format"]
     text, visual = openai_judge_pair_from_config(config.rewards.judge)
     assert (visual.config.image_max_side, visual.config.response_format) == (1024, "json_schema")
     config.rewards.judge.image_max_side = 0

@@ -1,19 +1,19 @@
 """The real-scale recipes (configs/qwen3b.py, qwen7b.py, llava7b.py): required fields fail validation with clear
-messages, filled-in recipes validate on an 8-device mesh, the regime matches METHOD.md, and the AOT helpers
-(shapes, extrapolation) behave."""
+messages, filled-in recipes validate on an 8-device mesh, the regime matches METHOD.md, and the AOT tool reads
+their shapes (model, depth, step) without any weight."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
+import jax
 import pytest
+from flax import nnx
 
 from balcap_jax import config as config_lib
-from balcap_jax.trainer import aot
+from balcap_jax.tools import aot
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = ("qwen3b", "qwen7b", "llava7b")
@@ -81,8 +81,7 @@ def test_recipe_follows_the_paper_regime(name):
     assert (c.model.dtype, c.model.param_dtype, c.model.remat) == ("bfloat16", "float32", True)
     assert c.rewards.judge.backend == "openai"
     assert c.advantage.kind == "gdpo" and c.length.kind == "mask"
-    family, model_config = aot.model_config_for(c)
-    shapes = aot.step_shapes(c, family, model_config)
+    shapes = aot.step_shapes(c, aot.recipe_policy(c))
     assert shapes.sequences == c.data.prompts_per_batch * 8
     assert shapes.sequences % 8 == 0 and (shapes.sequences // c.train.micro_batches) % 8 == 0
 
@@ -100,9 +99,8 @@ def test_recipe_release_has_real_shapes(name, layers, hidden, vocab):
 def test_step_shapes_reject_a_bucket_too_small_for_the_image():
     c = load_recipe("qwen7b")
     c.data.prompt_buckets = (256,)
-    family, model_config = aot.model_config_for(c)
     with pytest.raises(ValueError, match=r"data\.prompt_buckets.*512 placeholder tokens"):
-        aot.step_shapes(c, family, model_config)
+        aot.step_shapes(c, aot.recipe_policy(c))
 
 
 def test_unknown_release_without_hf_dir_is_a_clear_error():
@@ -121,40 +119,12 @@ def test_with_depth_keeps_the_full_attention_period():
     assert aot.with_depth(model_config, 1, 2).vision.fullatt_block_indexes == (1,)
 
 
-def _report(depth, **fields) -> aot.MemoryReport:
-    base = dict(argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0, generated_code_bytes=0, state_bytes=0)
-    return aot.MemoryReport(name="m", devices=8, mesh={"data": 1, "fsdp": 8, "tensor": 1}, depth=depth,
-                            compile_seconds=1.0, **(base | fields))
-
-
-def test_extrapolation_recovers_a_plane_exactly():
-    def model(t, v):  # bytes = a + b * text + c * vision
-        return dict(argument_bytes=100 + 7 * t + 3 * v, temp_bytes=50 + 11 * t + 5 * v, output_bytes=9 * t)
-
-    reports = [_report(d, **model(*d)) for d in ((1, 1), (2, 1), (1, 2))]
-    full = aot.extrapolate_by_depth(reports, (28, 32))
-    assert (full.argument_bytes, full.temp_bytes, full.output_bytes) == (100 + 196 + 96, 50 + 308 + 160, 252)
-    assert full.extrapolated and full.depths_compiled == ((1, 1), (2, 1), (1, 2)) and full.depth == (28, 32)
-    assert full.compile_seconds == 3.0
-
-
-def test_extrapolation_along_a_line_and_its_limits():
-    reports = [_report((t, 2 * t), temp_bytes=10 + 4 * t) for t in (1, 2)]
-    assert aot.extrapolate_by_depth(reports, (10, 20)).temp_bytes == 50
-    with pytest.raises(ValueError, match="determine no plane"):
-        aot.extrapolate_by_depth(reports, (10, 10))
-    with pytest.raises(ValueError, match="at least two"):
-        aot.extrapolate_by_depth(reports[:1], (10, 20))
-
-
-def test_peak_and_table_rows():
-    report = dataclasses.replace(
-        _report((28, 32), argument_bytes=10 * aot.GIB, output_bytes=4 * aot.GIB, alias_bytes=3 * aot.GIB,
-                temp_bytes=20 * aot.GIB),
-        extrapolated=True, depths_compiled=((1, 1), (2, 1), (1, 2)),
-    )
-    assert report.peak_bytes == 31 * aot.GIB and report.fits(80e9) and not report.fits(30 * aot.GIB)
-    rows = aot.memory_table_rows({"qwen7b": report})
-    assert rows[-1].startswith("| qwen7b | (1, 8, 1) | (28, 32) | extrapolated from (1, 1), (2, 1), (1, 2)")
-    assert "**31.00**" in rows[-1]
-    assert np.isclose(report.to_dict()["peak_bytes"], 31 * aot.GIB)
+def test_recipe_policy_of_a_release_is_abstract_at_the_requested_depth():
+    c = load_recipe("qwen7b")
+    policy = aot.recipe_policy(c, depth=(2, 3))
+    leaves = jax.tree.leaves(nnx.state(policy.model))
+    assert leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)  # no weight exists
+    assert aot.model_depth(policy.model_config) == (2, 3)
+    assert policy.eos_ids == (151645, 151643) and policy.family.name == "qwen2_5_vl"
+    with pytest.raises(ValueError, match=r"--depth must be >= 1"):
+        aot.recipe_policy(c, depth=(0, 3))
