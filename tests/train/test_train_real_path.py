@@ -121,9 +121,7 @@ def test_qwen3b_recipe_one_process_and_two_processes_with_kill_and_resume_agree(
 @pytest.mark.slow
 def test_llava7b_recipe_trains_evaluates_and_exports(assets, tmp_path):
     flags = _flags(assets, "llava7b", "llava")
-    # One device: on an 8-device XLA:CPU mesh the bf16 + remat LLaVA update step deadlocks (device threads wait
-    # in different collectives; remat=False runs), a known gap recorded in the closing notes.
-    launch = real_path.Launch(flags, tmp_path / "run", num_processes=1, devices=1)
+    launch = real_path.Launch(flags, tmp_path / "run", num_processes=1, devices=8)
     log = launch.wait(900)[0]
     assert "reward means on the evaluation manifest" in log and "reward_gain" in log
     rows = _by_step(real_path.metric_rows(tmp_path / "run"))
