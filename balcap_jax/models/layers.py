@@ -165,6 +165,12 @@ class SwiGLU(nnx.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def unembed_logits(hidden: Array, weight: Array) -> Array:
+    """hidden [..., D] x unembedding [D, V] -> fp32 logits [..., V]: products in the compute dtype (the
+    weight is cast to hidden's), accumulated in fp32."""
+    return jnp.einsum("...d,dv->...v", hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     """Inverse frequencies theta^(-2i/Dh), i < Dh/2, in fp32 exactly as HF computes them. Returns [Dh/2]."""
     if head_dim % 2:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from balcap_jax.models.hf_io import ParamMapping, load_hf_state, read_hf_config
+from balcap_jax.models import layers
 from balcap_jax.models.interface import CacheSpec, KVCache, SequenceInputs
 from balcap_jax.models.layer_stack import layer_stack_prefixes
 from balcap_jax.models.llava.config import HF_LLAMA_DEFAULTS
@@ -112,8 +113,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden: Array) -> Array:
         """hidden [..., D] -> fp32 logits [..., V] (products in the compute dtype, accumulated in fp32)."""
-        weight = self.output_embedding().astype(hidden.dtype)
-        return jnp.einsum("...d,dv->...v", hidden, weight, preferred_element_type=jnp.float32)
+        return layers.unembed_logits(hidden, self.output_embedding())
 
     def __call__(self, inputs: SequenceInputs) -> Array:
         """Full forward: fp32 logits [B, T, V]."""

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from balcap_jax.models import layers
 from balcap_jax.models.interface import CacheSpec, KVCache, SequenceInputs
 from balcap_jax.models.llava.clip import CLIPVisionTower
 from balcap_jax.models.llava.config import LlavaConfig
@@ -144,8 +145,7 @@ class LlavaForCausalLM(nnx.Module):
 
     def logits(self, hidden: Array) -> Array:
         """hidden [..., D] -> fp32 logits [..., V] (products in the compute dtype, accumulated in fp32)."""
-        weight = self.output_embedding().astype(hidden.dtype)
-        return jnp.einsum("...d,dv->...v", hidden, weight, preferred_element_type=jnp.float32)
+        return layers.unembed_logits(hidden, self.output_embedding())
 
     def __call__(self, inputs: SequenceInputs) -> Array:
         """Convenience full forward: fp32 logits [B, T, V]."""
