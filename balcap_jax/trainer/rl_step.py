@@ -123,7 +123,7 @@ class RLStep:
         tokens = int(hosts.allgather(np.asarray([rollout.lengths.sum()], np.int64)).sum())
         return RLStepResult(
             state={**state, "train": train_state, "rng": rng}, batch=batch, rollout=rollout, captions=captions,
-            rewards=rewards, component_names=tuple(judged.component_names), judge_scalars=judge_scalars(judged),
+            rewards=rewards, component_names=tuple(judged.component_names), judge_scalars=judge_scalars(judged, rewards),
             lengths=lengths, ref_lengths=ref_lengths, advantages=advantages, update_metrics=update_metrics,
             sample_seconds=sample_seconds, tokens=tokens, row_offset=mine.start,
         )
@@ -132,16 +132,16 @@ class RLStep:
 _SUMMED = ("errors", "judge_calls", "cache_hits", "nan_count")
 
 
-def judge_scalars(judged: Any, prefix: str = "reward") -> dict[str, float]:
+def judge_scalars(judged: Any, rewards: np.ndarray, prefix: str = "reward") -> dict[str, float]:
     """The judges' scalars over every process: counts summed, latencies the slowest process's, and each
-    component's mean/std over all processes' scores (the same on every process)."""
+    component's mean/std over `rewards` (every process's scores, [P, G, K]; the same on every process)."""
     local = judged.scalars(prefix)
     if not hosts.is_multiprocess():
         return local
     keys = sorted(local)
     table = hosts.allgather(np.asarray([[local[k] for k in keys]], np.float64))  # [processes, keys]
     out = {k: float(table[:, i].sum() if k.endswith(_SUMMED) else table[:, i].max()) for i, k in enumerate(keys)}
-    rewards = hosts.allgather(np.asarray(judged.rewards, np.float64).reshape(-1, len(judged.component_names)))
+    rewards = np.asarray(rewards, np.float64).reshape(-1, len(judged.component_names))
     for k, name in enumerate(judged.component_names):
         scored = rewards[:, k][~np.isnan(rewards[:, k])]
         out[f"{prefix}/{name}/mean"] = float(scored.mean()) if scored.size else float("nan")
