@@ -78,6 +78,9 @@ class TrainState:
         )
 
 
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")  # after warm-up
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with global-norm clipping and a warmup + (cosine | constant) learning-rate schedule.
@@ -102,8 +105,8 @@ class OptimizerConfig:
     def __post_init__(self):
         if not self.learning_rate > 0:
             raise ValueError(f"OptimizerConfig.learning_rate must be > 0; got {self.learning_rate}.")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"OptimizerConfig.schedule must be 'constant' or 'cosine'; got {self.schedule!r}.")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"OptimizerConfig.schedule must be one of {LR_SCHEDULES}; got {self.schedule!r}.")
         if self.warmup_steps < 0:
             raise ValueError(f"OptimizerConfig.warmup_steps must be >= 0; got {self.warmup_steps}.")
         if self.schedule == "cosine" and (self.total_steps is None or self.total_steps <= self.warmup_steps):

@@ -21,22 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from balcap_jax.tools.parity_report import ParityReport, compare  # noqa: F401  (re-exported)
+
 DEFAULT_GRIDS = ((1, 16, 24), (1, 28, 20), (1, 8, 8))  # patch grids: 224x336, 392x280 and 112x112 pixels
-
-
-@dataclasses.dataclass(frozen=True)
-class ParityReport:
-    max_abs_logit_diff: float
-    mean_kl: float
-    max_kl: float
-    num_tokens: int
-
-    def ok(self, *, logit_tol: float, kl_tol: float) -> bool:
-        return self.max_abs_logit_diff <= logit_tol and self.max_kl <= kl_tol
-
-    def __str__(self) -> str:
-        return (f"tokens compared: {self.num_tokens}\nmax |logit diff|: {self.max_abs_logit_diff:.3e}\n"
-                f"per-token KL(HF||ours): mean {self.mean_kl:.3e}, max {self.max_kl:.3e}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,20 +123,6 @@ def our_logits(model, batch: ParityBatch) -> np.ndarray:
     return np.asarray(forward(state, inputs))
 
 
-def compare(reference: np.ndarray, ours: np.ndarray, mask: np.ndarray) -> ParityReport:
-    """Max |logit diff| and per-token KL(reference || ours) over the real tokens (mask True)."""
-    ref, out = reference[mask].astype(np.float64), ours[mask].astype(np.float64)
-    log_p = ref - _logsumexp(ref)
-    log_q = out - _logsumexp(out)
-    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
-    return ParityReport(float(np.max(np.abs(ref - out))), float(kl.mean()), float(kl.max()), int(mask.sum()))
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    top = x.max(axis=-1, keepdims=True)
-    return top + np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True,
@@ -168,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from balcap_jax.models import registry
 
     if registry.family_for_hf_dir(args.hf_dir).name == "llava":
-        from balcap_jax.models.llava.parity import check_llava
+        from balcap_jax.tools.parity_llava import check_llava
 
         report = check_llava(args.hf_dir, seed=args.seed, prompt_tokens=args.prompt_tokens)
         print(report)

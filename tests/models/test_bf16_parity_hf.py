@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from balcap_jax.models.interface import KVCache, next_text_positions  # noqa: E402
-from balcap_jax.models.llava import parity as llava_parity  # noqa: E402
+from balcap_jax.tools import parity_llava as llava_parity  # noqa: E402
 from balcap_jax.models.llava import processor as llava_processor  # noqa: E402
 from balcap_jax.models.llava.params import load_llava  # noqa: E402
 from balcap_jax.models.qwen2_5_vl.model import make_inputs  # noqa: E402

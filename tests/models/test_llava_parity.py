@@ -382,8 +382,8 @@ def test_loader_names_the_offending_keys(hf_dir, tmp_path):
 
 
 def test_parity_check_on_a_checkpoint_directory(hf_dir):
-    """The user-facing check (`models.llava.parity.check_llava`, the LLaVA half of `tools.parity`)."""
-    from balcap_jax.models.llava.parity import build_batch, check_llava
+    """The user-facing check (`tools.parity_llava.check_llava`, the LLaVA half of `tools.parity`)."""
+    from balcap_jax.tools.parity_llava import build_batch, check_llava
 
     config = LlavaConfig.from_hf_dict(_hf_config().to_dict())
     batch = build_batch(config, prompt_tokens=64)

@@ -1,6 +1,6 @@
 """Check our LLaVA-1.5 against HF transformers (torch) on one checkpoint: the LLaVA half of `tools.parity`.
 
-    from balcap_jax.models.llava.parity import check_llava
+    from balcap_jax.tools.parity_llava import check_llava
     print(check_llava("/path/to/llava-1.5-7b-hf"))
 
 The batch: row 0 is a long prompt (`prompt_tokens` text tokens) with `num_images` images of different sizes
@@ -19,6 +19,7 @@ from PIL import Image
 
 from balcap_jax.models.llava import processor
 from balcap_jax.models.llava.config import LlavaConfig
+from balcap_jax.tools.parity_report import compare
 
 DEFAULT_IMAGE_SIZES = ((480, 640), (700, 300), (256, 256))  # (height, width) before preprocessing
 
@@ -103,14 +104,13 @@ def check_llava(
     prompt_tokens: int = 512,
     image_sizes: Sequence[tuple[int, int]] = DEFAULT_IMAGE_SIZES,
 ):
-    """Load `hf_dir` in both frameworks (fp32), run the batch, return `tools.parity.ParityReport`."""
+    """Load `hf_dir` in both frameworks (fp32), run the batch, return `tools.parity_report.ParityReport`."""
     import jax
     import jax.numpy as jnp
     import torch
     import transformers
 
     from balcap_jax.models.llava.params import load_llava
-    from balcap_jax.tools.parity import compare
 
     model = load_llava(hf_dir, dtype=jnp.float32, param_dtype=jnp.float32)
     hf_model = transformers.LlavaForConditionalGeneration.from_pretrained(
