@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from balcap_jax.rewards.components import COMPONENT_NAMES, judged_components
+from balcap_jax.rewards.judges.jax_local import ImagesUnscorable, llama_text_judge
 from balcap_jax.rewards.judges.openai_pair import openai_judge_pair_from_config
 from balcap_jax.rewards.judges.shapes_world import (
     ShapesWorldLinguistic,
@@ -15,6 +17,7 @@ from balcap_jax.rewards.judges.shapes_world import (
 )
 
 KNOWN_COMPONENTS = COMPONENT_NAMES
+logger = logging.getLogger(__name__)
 
 
 def build_reward_components(config: Any, *, workdir: str | os.PathLike | None = None) -> list[Any]:
@@ -38,10 +41,27 @@ def build_reward_components(config: Any, *, workdir: str | os.PathLike | None = 
         return [factories[n]() for n in names]
     if judge.backend == "openai":
         return _openai_components(names, judge, workdir)
+    if judge.backend == "jax_local":
+        return _jax_local_components(names, judge)
     raise ValueError(
-        f"config.rewards.judge.backend={judge.backend!r} cannot drive training from the config; allowed: "
-        "'shapes_world', 'openai' (in-process JAX judges are built in code: balcap_jax.rewards.judges.jax_local)"
+        f"config.rewards.judge.backend={judge.backend!r} is not a judge backend; allowed: 'shapes_world', "
+        "'openai', 'jax_local'"
     )
+
+
+def _jax_local_components(names: tuple[str, ...], judge: Any) -> list[Any]:
+    """The text judge in-process on our Llama decoder; it is text-only, so precision's image checks are
+    unscorable (NaN, counted) rather than answered by a model that cannot see the image."""
+    model_dir = judge.get("local_model_dir", "")
+    if not model_dir:
+        raise ValueError(
+            "config.rewards.judge.local_model_dir must be set for backend='jax_local' (a local HF Llama chat "
+            "checkpoint, e.g. the directory `python -m balcap_jax.tools.smollm2_checkpoint` prints)"
+        )
+    text = llama_text_judge(str(model_dir), max_new_tokens=int(judge.get("local_max_new_tokens", 512)))
+    if "precision" in names:
+        logger.warning("judge.backend='jax_local' is text-only: every precision score will be unscorable (NaN)")
+    return judged_components(names, text, ImagesUnscorable(text))
 
 
 def _openai_components(names: tuple[str, ...], judge: Any, workdir: str | os.PathLike | None) -> list[Any]:

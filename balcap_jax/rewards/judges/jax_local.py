@@ -26,7 +26,9 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import io
+import json
 import logging
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -275,3 +277,90 @@ def qwen2_5_vl_encoder(
         )
 
     return encode
+
+
+def chat_template_encoder(tokenizer: Any) -> Encoder:
+    """Text-only encoder rendering the messages with the tokenizer's own chat template (e.g. SmolLM2's ChatML),
+    ending with the assistant header; positions 0..T-1."""
+
+    def tokenize(text: str) -> Sequence[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def render(messages: Sequence[Message]) -> str:
+        turns = [{"role": m.role, "content": m.text} for m in messages]
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+
+    return token_encoder(tokenize, render=render)
+
+
+def llama_text_judge(
+    model_dir: str,
+    *,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    prompt_buckets: tuple[int, ...] = (512, 1024, 2048, 4096),
+    dtype: str = "float32",
+    name: str | None = None,
+) -> JaxLocalJudge:
+    """A text judge on our Llama decoder from a local HF `LlamaForCausalLM` directory (config.json, safetensors,
+    tokenizer with a chat template; e.g. the converted SmolLM2-135M-Instruct), on the first local device.
+
+    EOS: the tokenizer's end-of-turn token and every `eos_token_id` of generation_config.json. name: the judge's
+    name in records and cache keys (default 'jax_local:<model_dir>').
+    """
+    import jax.numpy as jnp
+    import transformers
+
+    from balcap_jax.models.llama_text import load_llama_text
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(
+            f"rewards.judge.local_model_dir={model_dir!r} is not a Hugging Face model directory (no config.json); "
+            "point it at a local LlamaForCausalLM checkpoint, e.g. the SmolLM2 one `python -m balcap_jax.tools.smollm2_checkpoint` prints"
+        )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer in {model_dir} has no chat template; a judge needs a chat model")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    generation = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(generation):
+        with open(generation) as handle:
+            extra = json.load(handle).get("eos_token_id")
+        eos += [] if extra is None else (extra if isinstance(extra, list) else [extra])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    model = load_llama_text(model_dir, dtype=getattr(jnp, dtype), param_dtype=jnp.float32)
+    sampler, state = Sampler.from_model(model)
+    config = JaxLocalConfig(
+        model=name or f"jax_local:{os.path.normpath(model_dir)}", eos_ids=tuple(dict.fromkeys(int(e) for e in eos)),
+        pad_id=int(pad), max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_buckets=prompt_buckets,
+        cache_dtype=dtype,
+    )  # fmt: skip
+    decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
+    return JaxLocalJudge(sampler, state, encode=chat_template_encoder(tokenizer), decode_text=decode, config=config)
+
+
+class ImagesUnscorable:
+    """A text-only judge standing in the visual role: requests carrying images are unscorable (`JudgeUnavailable`,
+    so the component is NaN and the failure counted, never 0); text-only requests go to `judge`.
+
+    Precision then scores nothing (no judge can see the image) while the text components train as usual.
+    """
+
+    multimodal = True
+
+    def __init__(self, judge: Any):
+        self.judge = judge
+        self.model = judge.model
+        self.refused = 0
+
+    def __repr__(self) -> str:
+        return f"ImagesUnscorable({self.judge!r})"
+
+    async def generate(self, request: JudgeRequest) -> JudgeReply:
+        if request.has_images:
+            self.refused += 1
+            raise JudgeUnavailable(
+                f"{self.model} is text-only and no visual judge is configured: claims about the image cannot be "
+                "verified (set rewards.judge.backend='openai' with a VLM to score precision)"
+            )
+        return await self.judge.generate(request)
