@@ -281,6 +281,15 @@ class Checkpointer:
         )
         return Restored(step=step, state=state, data_state=_decode_json(restored[DATA]), config=meta.get("config"))
 
+    def restore_data_state(self, step: int | None = None) -> Any:
+        """Only the data-iterator state of `step` (default: the latest), e.g. to learn what the state item holds
+        before building its restore target; None if no checkpoint exists."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{DATA: ocp.args.JsonRestore()}))
+        return _decode_json(restored[DATA])
+
     def close(self) -> None:
         """Waits for pending writes and restores the previous signal handlers."""
         self._manager.wait_until_finished()

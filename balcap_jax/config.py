@@ -21,16 +21,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from balcap_jax.rewards.components import COMPONENT_NAMES
+from balcap_jax.rl.losses import AGGREGATIONS
+from balcap_jax.rl.update import LR_SCHEDULES
+
 MODEL_NAMES = ("qwen2_5_vl", "llava")
 DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("shapes_world", "manifest")
-REWARD_COMPONENTS = ("precision", "recall", "linguistic", "caprl_qa")
+REWARD_COMPONENTS = COMPONENT_NAMES  # allowed values live with the code that owns them
 JUDGE_BACKENDS = ("shapes_world", "openai", "jax_local")
 ADVANTAGE_KINDS = ("grpo", "gdpo")
 BATCH_STATS = ("sample", "token")
 LENGTH_KINDS = ("mask", "linear", "none")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-LR_SCHEDULES = ("constant", "cosine")
+LOSS_AGGREGATIONS = AGGREGATIONS
 
 _MISSING = object()  # get_field's "no default given"
 _ABSENT = object()  # validate's "field not present"
@@ -147,6 +150,9 @@ SCHEMA: tuple[Field, ...] = (
     _f("model.remat", "bool_or_str", "activations the scanned layers keep for the backward pass: False/'none' all, "
        "True/'full' only each layer's input (recompute the rest), 'save_dots' the matmul outputs",
        choices=(False, True, "none", "full", "save_dots"), optional=True),
+    _f("model.attention", "str", "attention kernel: 'reference' (the einsum, rounds as HF) or 'flash' (the platform's "
+       "fused kernel: TPU Pallas splash, GPU cuDNN in bf16; CPU keeps the reference)", choices=("reference", "flash"),
+       optional=True),
     _f("model.release", "str", "released checkpoint whose shapes AOT tools use when hf_dir is unset", optional=True),
     # processes (multi-host); absent or num_processes <= 1: one process
     _f("distributed.num_processes", "int", "JAX processes in the run (one per host); 0 or 1 = single process",
@@ -161,6 +167,9 @@ SCHEMA: tuple[Field, ...] = (
     _f("mesh.data", "int", "data-parallel axis size (-1 = all remaining devices)", low=-1),
     _f("mesh.fsdp", "int", "FSDP axis size (-1 = all remaining devices)", low=-1),
     _f("mesh.tensor", "int", "tensor-parallel axis size (-1 = all remaining devices)", low=-1),
+    _f("mesh.sampling_tensor_axes", "str_tuple", "mesh axes the rollout copy of the weights is tensor-parallel over "
+       "(each dimension takes the largest sub-product that divides it; trainer/rollout_weights.py); absent = "
+       "('fsdp', 'tensor')", choices=("data", "fsdp", "tensor"), optional=True),
     # data
     _f("data.source", "str", "where images and references come from", choices=DATA_SOURCES),
     _f("data.manifest", "str", "JSONL manifest path (data.source='manifest')"),
@@ -194,6 +203,10 @@ SCHEMA: tuple[Field, ...] = (
        low=0, optional=True),
     _f("rewards.judge.response_format", "str", "how each prompt's JSON Schema is sent to HTTP judges",
        choices=("json_schema", "json_object", "none"), optional=True),
+    _f("rewards.judge.local_model_dir", "str", "backend='jax_local': local HF LlamaForCausalLM directory (with a chat "
+       "template) run in-process as the text judge", optional=True),
+    _f("rewards.judge.local_max_new_tokens", "int", "backend='jax_local': the judge's completion buffer (tokens)",
+       low=1, optional=True),
     # advantages, length handling, loss
     _f("advantage.kind", "str", "advantage estimator", choices=ADVANTAGE_KINDS),
     _f("advantage.eps", "float", "std floor in the normalisations", low=0, low_open=True),
@@ -232,6 +245,9 @@ SCHEMA: tuple[Field, ...] = (
     _f("train.sft_steps", "int", "supervised warm-start steps; 0 skips SFT", low=0),
     _f("train.sft_batch_size", "int", "SFT batch size, global", low=1),
     _f("train.sft_lr", "float", "SFT learning rate", low=0, low_open=True),
+    _f("train.overlap", "str", "'one_step_off' samples batch t+1 while batch t is judged (one version of staleness, "
+       "pi_old from the weights that sampled); 'none' judges each batch before its update",
+       choices=("none", "one_step_off"), optional=True),
     _f("train.compile_cache_dir", "str", "persistent XLA compilation cache; '' = <workdir>/compile_cache, 'off' "
        "disables", optional=True),
     _f("eval.max_images", "int", "held-out images evaluated (whole batches); 0 = the whole split", low=0,
@@ -520,6 +536,8 @@ def _paths_rule(c: Any, env: Environment) -> list[str]:
 
 
 def _judge_rule(c: Any, env: Environment) -> list[str]:
+    if get_field(c, "rewards.judge.backend") == "jax_local":
+        return _local_judge_rule(c, env)
     if get_field(c, "rewards.judge.backend") != "openai":
         return []
     problems = []
@@ -540,6 +558,20 @@ def _judge_rule(c: Any, env: Environment) -> list[str]:
             "export it or set api_key_env='' for servers without keys"
         )
     return problems
+
+
+def _local_judge_rule(c: Any, env: Environment) -> list[str]:
+    model_dir = get_field(c, "rewards.judge.local_model_dir", "")
+    if not model_dir:
+        return [
+            "config.rewards.judge.local_model_dir is empty: judge.backend='jax_local' runs a local HF Llama chat "
+            "checkpoint in-process; set it (e.g. to the directory `python -m balcap_jax.tools.smollm2_checkpoint` "
+            "prints)"
+        ]
+    if env.check_paths and not (Path(model_dir).expanduser() / "config.json").is_file():
+        return [f"config.rewards.judge.local_model_dir={model_dir!r} has no config.json; point it at a local HF "
+                "model directory"]  # fmt: skip
+    return []
 
 
 RULES: tuple[Rule, ...] = (

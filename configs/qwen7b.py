@@ -60,7 +60,7 @@ def real_scale(c: ml_collections.ConfigDict, *, release: str, name: str) -> ml_c
         dict(kind="gdpo", eps=1e-4, ddof=1, batch_stats="sample", partial_nan="mean_present")
     )
     c.length = ml_collections.ConfigDict(
-        dict(kind="mask", component="linguistic", ratio_min=0.5, ratio_max=1.5, masked_value=0.0, coef=0.001)
+        dict(kind="mask", component="linguistic", ratio_min=0.5, ratio_max=2.0, masked_value=0.0, coef=0.001)
     )
     c.loss = ml_collections.ConfigDict(
         dict(eps_low=0.2, eps_high=0.28, dual_clip=0.0, kl_coef=0.0, aggregation="token-mean", tis_cap=0.0)
@@ -70,7 +70,7 @@ def real_scale(c: ml_collections.ConfigDict, *, release: str, name: str) -> ml_c
     )
     c.train = ml_collections.ConfigDict(
         dict(rl_steps=500, updates_per_batch=1, micro_batches=1, sft_steps=0, sft_batch_size=64, sft_lr=1e-5,
-             compile_cache_dir="")
+             compile_cache_dir="", overlap="none")
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=25, keep=3, export_hf=True))
     c.metrics = ml_collections.ConfigDict(dict(log_every=1, sample_every=10, eval_every=50))

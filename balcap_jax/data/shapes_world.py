@@ -64,6 +64,9 @@ class WorldConfig:
     num_references: int = 3
     num_questions: int = 8
     include_relations: bool = True
+    # The warm-start captioner's habit rates (`shapes_world_warm_start.CaptionerHabits` fields, in order); empty:
+    # none, and the warm start is fitted to the first reference as before.
+    captioner_habits: tuple[float, ...] = ()
 
     def __post_init__(self):
         if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
@@ -79,6 +82,11 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.num_references must be >= 1; got {self.num_references}")
         if self.num_questions < 0:
             raise ValueError(f"WorldConfig.num_questions must be >= 0; got {self.num_questions}")
+        if len(self.captioner_habits) not in (0, 4):
+            raise ValueError(
+                "WorldConfig.captioner_habits must be empty (no habits) or 4 probabilities (invented_object, "
+                f"omitted_relations, wrong_attribute, repeated_sentence); got {tuple(self.captioner_habits)!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,9 @@ real data.
 
 Splits take consecutive, disjoint index ranges of the same seeded world (train first), so no image is shared.
 Each record's metadata holds the scene graph and the world config; its questions are the world's multiple-choice
-questions (with their machine-readable `query`, which the offline QA judge reads).
+questions (with their machine-readable `query`, which the offline QA judge reads). A world with
+`captioner_habits` also stores each training image's imperfect caption under `metadata["warm_start_caption"]`
+(`shapes_world_warm_start.sft_target` reads it: the SFT target of a warm start flawed like a base captioner).
 """
 
 from __future__ import annotations
@@ -18,18 +20,31 @@ import os
 from typing import Mapping
 
 from balcap_jax.data import shapes_world as world
+from balcap_jax.data import shapes_world_warm_start as warm_start
 from balcap_jax.data.manifest import write_manifest_line
 from balcap_jax.data.tfds_builder import ManifestCaptions, prepare_manifest_dataset
 
 
-def shapes_world_manifest_line(example: world.ShapesWorldExample, config: world.WorldConfig) -> str:
+def shapes_world_manifest_line(example: world.ShapesWorldExample, config: world.WorldConfig,
+                               warm_start_caption: str = "") -> str:
+    metadata = {"scene_graph": example.scene.to_dict(), "world": dataclasses.asdict(config)}
+    if warm_start_caption:
+        metadata[warm_start.WARM_START_KEY] = warm_start_caption
     return write_manifest_line(
         example.image_id,
         list(example.references),
         image_bytes=world.encode_png(example.image),
         questions=list(example.questions),
-        metadata={"scene_graph": example.scene.to_dict(), "world": dataclasses.asdict(config)},
+        metadata=metadata,
     )
+
+
+def warm_start_caption(seed: int, index: int, example: world.ShapesWorldExample, config: world.WorldConfig) -> str:
+    """The imperfect SFT target of example `index` ('' for a world without captioner habits)."""
+    if not config.captioner_habits:
+        return ""
+    habits = warm_start.CaptionerHabits(*(float(p) for p in config.captioner_habits))
+    return warm_start.imperfect_caption(example.scene, warm_start.habit_rng(seed, index), habits)
 
 
 def write_shapes_world_manifests(
@@ -44,7 +59,9 @@ def write_shapes_world_manifests(
         path = os.path.join(directory, f"{split}.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             for index in range(start, start + size):
-                f.write(shapes_world_manifest_line(world.generate_example(seed, index, config), config) + "\n")
+                example = world.generate_example(seed, index, config)
+                caption = warm_start_caption(seed, index, example, config)
+                f.write(shapes_world_manifest_line(example, config, caption) + "\n")
         paths[split], start = path, start + size
     return paths
 

@@ -1,8 +1,10 @@
 """ShapesWorld exact metrics: the offline judge (`rewards.judges.shapes_world`) on a held-out split.
 
 Per caption, from the scene graph, with no model in the loop: precision (correct pointable claims, duplicates
-counted once), recall (reference facts covered), F1 of the two, linguistic quality, QA accuracy on the image's
-multiple-choice questions read off the caption (cannot-answer credit 0), and the caption's length in words.
+counted once), recall (reference facts covered), F1 of the two, linguistic quality (rated 1-10 on clarity,
+fluency and coherence, as the training judge does), b-CapScore (the paper's headline: the harmonic mean of
+precision, recall and linguistic), QA accuracy on the image's multiple-choice questions read off the caption
+(cannot-answer credit 0), and the caption's length in words.
 Reported: means over the split, x100 (length in words, unscaled).
 """
 
@@ -21,10 +23,12 @@ from balcap_jax.data.shapes_world_grammar import parse_caption
 from balcap_jax.evaluation.dcscore import f1
 from balcap_jax.evaluation.results_store import item_key
 from balcap_jax.rewards.judges import shapes_world as judge
+from balcap_jax.rewards.judges.shapes_world_rating import rated_linguistic
+from balcap_jax.trainer.shaping import b_capscore
 
 NAME = "shapes_world"
-METRIC_VERSION = 1  # bump when the offline judge's rules change, so cached results are not reused
-METRICS = ("precision", "recall", "f1", "linguistic", "qa")
+METRIC_VERSION = 2  # bump when the offline judge's rules change, so cached results are not reused
+METRICS = ("precision", "recall", "f1", "linguistic", "b_capscore", "qa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +58,17 @@ def score_caption(caption: str, scene_graph: dict[str, Any], questions: Sequence
     parsed = parse_caption(caption)
     precision, verdicts = judge.precision(parsed, scene)
     recall, _ = judge.recall(verdicts, scene)
-    linguistic, _ = judge.linguistic(parsed)
+    linguistic, _ = rated_linguistic(parsed)
+    b_cap = float(b_capscore([precision, recall, linguistic], ("precision", "recall", "linguistic")))
     qa = judge.qa_accuracy(parsed, questions, 0.0)[0] if questions else math.nan
     return {"precision": precision, "recall": recall, "f1": f1(precision, recall), "linguistic": linguistic,
-            "qa": qa, "words": len(caption.split())}  # fmt: skip
+            "b_capscore": b_cap, "qa": qa, "words": len(caption.split())}  # fmt: skip
 
 
 def aggregate_scores(per_item: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"num_items": len(per_item)}
     for metric in METRICS:
-        values = np.array([r[metric] for r in per_item], dtype=np.float64)
+        values = np.array([r.get(metric, math.nan) for r in per_item], dtype=np.float64)  # rows of older versions
         finite = values[~np.isnan(values)]
         out[metric] = float(finite.mean() * 100) if finite.size else math.nan
     out["words_mean"] = float(np.mean([r["words"] for r in per_item])) if per_item else math.nan

@@ -13,6 +13,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from balcap_jax.models.interface import SequenceInputs
@@ -58,6 +59,40 @@ class Rollout:
     @property
     def max_new_tokens(self) -> int:
         return self.tokens.shape[1]
+
+
+def completion_bucket(longest: int, max_new_tokens: int, min_columns: int = 16) -> int:
+    """Completion columns the update keeps for a batch whose longest row has `longest` generated tokens: the
+    smallest power of two >= max(longest, min_columns), capped at `max_new_tokens`. Powers of two bound the
+    distinct update shapes (each is one compile) to about log2(max_new_tokens / min_columns) + 2, while
+    wasting at most half the kept columns."""
+    if longest < 0 or longest > max_new_tokens:
+        raise ValueError(
+            f"longest={longest}: a rollout's longest row must lie in [0, max_new_tokens={max_new_tokens}]; pass "
+            "the maximum of Rollout.lengths (agreed over processes) of a rollout sampled with that buffer"
+        )
+    if min_columns < 1:
+        raise ValueError(f"min_columns={min_columns}: keep at least 1 column (e.g. 16)")
+    bucket = 1 << max(int(max(longest, min_columns)) - 1, 0).bit_length()
+    return min(bucket, max_new_tokens)
+
+
+def trim_rollout(rollout: Rollout, columns: int) -> Rollout:
+    """The rollout cut to its first `columns` completion columns ([N, T_new] -> [N, columns]). Only padding
+    may be dropped: every row's generated tokens must fit, so a training batch built from the trimmed rollout
+    scores the same tokens as the untrimmed one (the dropped columns sit after every row's end, and a causal
+    forward never lets them reach earlier columns)."""
+    longest = int(np.max(np.asarray(rollout.lengths))) if rollout.num_rows else 0
+    if not longest <= columns <= rollout.max_new_tokens:
+        raise ValueError(
+            f"columns={columns}: must lie in [longest row {longest}, max_new_tokens {rollout.max_new_tokens}]; "
+            "use completion_bucket(longest, max_new_tokens) so no generated token is dropped"
+        )
+    if columns == rollout.max_new_tokens:
+        return rollout
+    cut = lambda x: x[:, :columns]  # noqa: E731
+    return rollout.replace(tokens=cut(rollout.tokens), logprobs=cut(rollout.logprobs),
+                           completion_mask=cut(rollout.completion_mask))
 
 
 def tile_rows(x: Array, group_size: int, axis: int = 0) -> Array:

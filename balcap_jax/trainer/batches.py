@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from balcap_jax.data.records import CaptionExample
+from balcap_jax.data.shapes_world_warm_start import sft_target
 from balcap_jax.models.interface import next_text_positions
 from balcap_jax.parallel import hosts
 from balcap_jax.rewards.types import RewardItem
@@ -92,8 +93,9 @@ def reference_completions(
 
 
 def sft_batch(policy: Policy, batch: Mapping[str, Any], prompts: Mapping[str, Any], max_new_tokens: int) -> dict:
-    """Teacher-forcing batch on each row's first reference caption."""
-    references = [refs[0] for refs in batch["references"]]
+    """Teacher-forcing batch on each row's warm-start target: its imperfect caption when the record carries one
+    (ShapesWorld with captioner habits), else its first reference caption."""
+    references = [sft_target(meta, refs) for meta, refs in zip(batch["metadata"], batch["references"])]
     rollout = reference_completions(policy, references, prompts, max_new_tokens)
     out = build_training_batch(prompts, rollout, 1, tile_vision=tile_vision_for(policy, batch))
     return {k: np.asarray(v) if not isinstance(v, dict) else v for k, v in out.items()}

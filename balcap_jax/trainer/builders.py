@@ -68,13 +68,16 @@ def loss_config(config: Any) -> losses_lib.LossConfig:
     return losses_lib.LossConfig(
         eps_low=float(loss.eps_low), eps_high=float(loss.eps_high), dual_clip=float(loss.dual_clip) or None,
         kl_coef=float(loss.kl_coef), aggregation=loss.aggregation, tis_cap=float(loss.get("tis_cap", 0.0)),
+        norm_length=int(config.sampling.max_new_tokens),  # Dr. GRPO's constant stays the buffer when trimmed
     )
 
 
 def old_logprobs_mode(config: Any) -> str:
     """pi_old of the RL ratio: the update's own forward with one update per batch (ratio exactly 1 at it), else
-    recomputed once per batch by the trainer (`rl_batch_logprobs`)."""
-    return "current" if int(config.train.updates_per_batch) == 1 else "batch"
+    recomputed once per batch by the trainer (`rl_batch_logprobs`); with overlap the batch was sampled by the
+    previous weights, so pi_old is theirs (recomputed right after sampling)."""
+    overlapped = config.train.get("overlap", "none") != "none"
+    return "current" if int(config.train.updates_per_batch) == 1 and not overlapped else "batch"
 
 
 def rl_batch_logprobs(graphdef: Any, config: Any):

@@ -30,7 +30,8 @@ def data_dir(config: Any, workdir: Path) -> str:
 
 def world_config(config: Any) -> world.WorldConfig:
     sw = config.data.shapes_world
-    return world.WorldConfig(image_size=int(sw.image_size), max_objects=int(sw.max_objects))
+    return world.WorldConfig(image_size=int(sw.image_size), max_objects=int(sw.max_objects),
+                             captioner_habits=tuple(float(p) for p in sw.get("captioner_habits", ())))
 
 
 def _once(prepare: Callable[[], T]) -> T:

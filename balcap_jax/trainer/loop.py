@@ -3,6 +3,9 @@
 Steps are numbered globally: 1..sft_steps are supervised, then rl_steps RL steps. A checkpoint's step therefore
 says which phase it belongs to, which fixes the optimizer-state shape to restore into. Everything a resumed run
 needs to continue exactly (params, optimizer state, rng key, every data stream's position) is in the checkpoint.
+With config.train.overlap="one_step_off" (see trainer/rl_step.py) each RL step samples the next batch before
+updating on the current one; a checkpoint then also holds that batch sampled one step ahead (its rollout and
+behaviour log-probs, with the data stream's position before it), which a restore redraws, rebuilds and rejudges.
 
 One process or many: every process runs this same function (after `jax.distributed` is initialised); each loads
 its share of every batch (`host_data`), judges its own rollouts, and the few host-side reductions (rewards for
@@ -15,6 +18,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,8 @@ from balcap_jax.trainer.families import family_of
 from balcap_jax.trainer.host_data import HostBatches, resolve_loader_shards
 from balcap_jax.trainer.judges import build_reward_components
 from balcap_jax.trainer.policy import Policy, build_policy
-from balcap_jax.trainer.rl_step import RLStep, sample_records, step_metrics
+from balcap_jax.trainer.rl_step import (RLStep, overlap_mode, pending_arrays, pending_template, sample_records,
+                                        step_metrics)
 from balcap_jax.trainer.sft import make_sft_step
 
 log = logging.getLogger(__name__)
@@ -139,6 +144,7 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
     total_steps = sft_steps + rl_steps
     G, P = int(config.sampling.group_size), int(config.data.prompts_per_batch)
     eval_every = int(config.metrics.eval_every)
+    overlap = overlap_mode(config)
 
     train_source, eval_source = prepare_data(config, workdir)
     eval_on = eval_description(config) if eval_source is not None else ""
@@ -147,10 +153,10 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
     policy = build_policy(config, corpus=corpus, seed=seed, mesh=mesh)
     graphdef, params = nnx.split(policy.model)
     params = hosts.to_sharding(params, placement.param_shardings(policy.family, params, mesh, "training"))
-    sampling_shardings = placement.param_shardings(policy.family, params, mesh, "sampling")
-    # One program moves every leaf (a per-leaf device_put is one cross-host program per parameter).
-    for_sampling = jax.jit(lambda p: p, out_shardings=sampling_shardings)
-    sampler = Sampler(graphdef, mesh=mesh)
+    # One program reshards (and casts) every leaf into the rollout copy; the AOT tool compiles the same one.
+    for_sampling = placement.rollout_copy(config, policy, params, mesh)
+    sampler = Sampler(graphdef, mesh=for_sampling.mesh, cache_heads=for_sampling.cache_heads,
+                      cache_rows=for_sampling.cache_rows)
     processor = batches_lib.PolicyPromptProcessor.for_policy(policy, config.data.prompt)
     loader_shards = resolve_loader_shards(int(config.data.get("loader_shards", 0)), process_count)
 
@@ -201,9 +207,24 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
     state = fresh_state(start_step, params)
     del params
     eval_start: dict[str, float] = {}
+    # With train.overlap="one_step_off" a checkpoint also holds the batch sampled one step ahead (its rollout
+    # and behaviour log-probs; its iterator state is the one before it was drawn): restored and rejudged.
+    restored_pending: tuple[dict[str, Any], int] | None = None
     if start_step:
-        restored = checkpointer.restore(jax.tree.map(lambda x: x, state))
+        target = jax.tree.map(lambda x: x, state)
+        pending_version = checkpointer.restore_data_state(start_step).get("rl_pending_version")
+        if pending_version is not None:
+            if overlap == "none":
+                raise ValueError(
+                    f"the checkpoint at step {start_step} in {workdir} holds a batch sampled one step ahead "
+                    "(saved with config.train.overlap='one_step_off'); resume with "
+                    "--config.train.overlap=one_step_off"
+                )
+            target["pending"] = pending_template(mesh, P * G, int(config.sampling.max_new_tokens))
+        restored = checkpointer.restore(target)
         state = restored.state
+        if pending_version is not None:
+            restored_pending = (state.pop("pending"), int(pending_version))
         data_state = restored.data_state
         sft_iter.set_state(data_state["sft"], process_count=process_count, process_index=process_index)
         rl_iter.set_state(data_state["rl"], process_count=process_count, process_index=process_index)
@@ -217,6 +238,11 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
     # AOT tool compiles under the same context (tests/tools/test_tools_aot.py: identical update programs).
     with jax.set_mesh(mesh), RewardManager(build_reward_components(config, workdir=workdir)) as manager:
         rl_step = RLStep(policy, sampler, rl_update, manager, config, mesh, for_sampling)
+        pending, pending_data_state = None, None  # the batch sampled one step ahead; rl_iter's state before it
+        if restored_pending is not None:
+            pending_data_state = data_state["rl"]
+            arrays, version = restored_pending
+            pending = rl_step.restore_pending(arrays, next(rl_iter), version)
 
         def evaluate(tag: str, step: int) -> dict[str, float]:
             with timer.phase("eval"):
@@ -228,6 +254,7 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
 
         step = start_step
         stopped_early = False
+        last_write = time.perf_counter()
         while step < total_steps:
             in_sft = step < sft_steps
             if step == sft_steps and eval_batches is not None and not eval_start:
@@ -249,15 +276,29 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
                     scalars = {k: float(hosts.host_value(v)) for k, v in metrics.items()}
                     scalars["sft/learning_rate"] = float(sft_lr(step))
             else:
-                with timer.phase("data"):
-                    batch = next(rl_iter)
-                result = rl_step(state, batch, timer)
+                if overlap == "none":
+                    with timer.phase("data"):
+                        batch = next(rl_iter)
+                    result = rl_step(state, batch, timer)
+                else:
+                    version = step - sft_steps  # RL updates applied to the current weights
+                    if pending is None:  # the first RL step: its own batch is sampled now
+                        with timer.phase("data"):
+                            batch = next(rl_iter)
+                        pending, state = rl_step.sample(state, batch, timer, version=version)
+                    next_batch = None
+                    if step + 1 < total_steps:
+                        with timer.phase("data"):
+                            pending_data_state, next_batch = rl_iter.get_state(), next(rl_iter)
+                    result, pending = rl_step.step_overlapped(state, pending, next_batch, timer, version=version)
                 state = result.state
                 scalars = step_metrics(result, config.rewards.weights)
                 if int(config.metrics.sample_every) and (step + 1) % int(config.metrics.sample_every) == 0:
                     writer.write_samples(step + 1, sample_records(result, G))
             step += 1
             scalars.update(timer.summary())
+            now = time.perf_counter()  # the phases leave host work untimed; this is the whole step, as a user waits
+            scalars["time/step_wall_s"], last_write = now - last_write, now
             scalars.update(sampler.metrics())
             writer.write_scalars(step, scalars)
             progress.update(step, {k: scalars[k] for k in CONSOLE_METRICS if k in scalars})
@@ -266,8 +307,12 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
                     and step < total_steps):
                 say(f"eval at step {step}: " + _fmt(evaluate("eval", step)))
             if checkpointer.should_save(step) or step == total_steps:
+                saved = state
                 data_state = {"sft": sft_iter.get_state(), "rl": rl_iter.get_state(), "eval_start": eval_start}
-                checkpointer.save(step, state, data_state=data_state, config=config.to_dict())
+                if pending is not None:  # saved with the step, rejudged after a restore: never lost nor counted twice
+                    saved = {**state, "pending": pending_arrays(pending, mesh)}
+                    data_state.update(rl=pending_data_state, rl_pending_version=pending.version)
+                checkpointer.save(step, saved, data_state=data_state, config=config.to_dict())
             if checkpointer.should_stop:
                 stopped_early = True
                 say(f"stopping at step {step} after a preemption signal; checkpoint saved")

@@ -4,11 +4,23 @@ loop and by `experiments/bench_rl_step.py` alike (so the benchmark times what th
 Multi-process: each process samples into the global arrays, decodes and judges *its own* rows, and the rewards,
 lengths and reference lengths are gathered so that every process computes the same advantages (c-GDPO's batch
 statistics need all of them); each process then feeds its rows of the training batch.
+
+A step is two halves, `sample` (rollouts, the training batch, the behaviour policy's log-probs, judging
+submitted) and `finish` (wait for the rewards, advantages, update). `config.train.overlap="none"` runs them back
+to back; "one_step_off" (`step_overlapped`) samples batch t+1 with the weights of version v while batch t (sampled
+by version v - 1) is being judged, then updates on batch t: the judges' latency hides behind sampling and the
+update, at the price of one version of staleness, which the ratio corrects exactly because pi_old is the
+log-probs of the weights that sampled the batch, computed by the trainer right after sampling.
+
+The update sees the completion columns up to a power-of-two bucket of the batch's longest generated row
+(`rollout.completion_bucket`, agreed over processes), so short captions do not pay for the whole buffer.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,7 +33,8 @@ from balcap_jax import metrics as metrics_lib
 from balcap_jax.parallel import hosts
 from balcap_jax.rewards.manager import RewardManager
 from balcap_jax.sampling.config import SamplerConfig
-from balcap_jax.sampling.rollout import FinishReason, Rollout, build_training_batch
+from balcap_jax.rl import losses as losses_lib
+from balcap_jax.sampling.rollout import FinishReason, Rollout, build_training_batch, completion_bucket, trim_rollout
 from balcap_jax.sampling.sampler import Sampler
 from balcap_jax.trainer import batches as batches_lib
 from balcap_jax.trainer import builders
@@ -56,6 +69,79 @@ class RLStepResult:
     sample_seconds: float
     tokens: int
     row_offset: int  # where this process's rows start in the global [P·G] order
+    staleness: int = 0  # policy version at the update minus the version that sampled the batch
+    completion_columns: int = 0  # completion columns the update ran on (after trimming)
+    update_widths: int = 0  # distinct completion widths updated on so far (one compiled update each)
+
+
+OVERLAP_MODES = ("none", "one_step_off")
+
+
+def overlap_mode(config: Any) -> str:
+    """config.train.overlap ("none" when absent), validated."""
+    mode = config.train.get("overlap", "none")
+    if mode not in OVERLAP_MODES:
+        raise ValueError(
+            f"config.train.overlap={mode!r} is not allowed; use 'none' (judge each batch before its update) or "
+            "'one_step_off' (sample the next batch while this one is judged)"
+        )
+    return mode
+
+
+def trimming_keeps_loss(loss_config: losses_lib.LossConfig) -> bool:
+    """Whether cutting padded completion columns leaves the loss unchanged: always, except for the Dr. GRPO
+    aggregation with no fixed norm_length, whose constant is then the batch's column count."""
+    return loss_config.aggregation != "seq-mean-token-sum-norm" or loss_config.norm_length is not None
+
+
+@dataclasses.dataclass
+class SampledBatch:
+    """A batch sampled and submitted to the judges, not yet updated on.
+
+    batch: this process's host batch. rollout: this process's rows, host numpy, the full [N_local, T_new]
+    buffers. captions: this process's completions. train_batch: the placed training batch (global arrays,
+    completion columns trimmed to `columns`), without advantages. behaviour_logprobs: float32[N, columns] (global),
+    the trainer's log-probs under the weights that sampled the batch, or None when the update takes pi_old
+    from its own pass. version: RL updates applied to those weights. judging: the future of its RewardBatch."""
+
+    batch: Mapping[str, Any]
+    rollout: Rollout
+    captions: list[str]
+    train_batch: dict[str, Any]
+    behaviour_logprobs: jax.Array | None
+    version: int
+    columns: int
+    sample_seconds: float
+    judging: concurrent.futures.Future
+
+
+# What a checkpoint holds of a sampled batch still waiting for its update (the rest is rebuilt from its data
+# batch, which the restored iterator yields again): the rollout's rows and the behaviour log-probs.
+_PENDING_ROW_FIELDS = ("tokens", "logprobs", "completion_mask", "lengths", "finish_reason", "start_positions")
+
+
+def pending_template(mesh: jax.sharding.Mesh, rows: int, max_new_tokens: int) -> dict[str, jax.Array]:
+    """Arrays shaped and sharded like `pending_arrays` of a batch of `rows` global rows (a restore target)."""
+    local = rows // jax.process_count()
+    shapes = {"tokens": ((local, max_new_tokens), np.int32), "logprobs": ((local, max_new_tokens), np.float32),
+              "completion_mask": ((local, max_new_tokens), bool), "lengths": ((local,), np.int32),
+              "finish_reason": ((local,), np.int32), "start_positions": ((local,), np.int32),
+              "behaviour_logprobs": ((local, max_new_tokens), np.float32)}
+    out = {k: hosts.global_rows(np.zeros(shape, dtype), mesh) for k, (shape, dtype) in shapes.items()}
+    out["decode_steps"] = hosts.replicated(np.zeros((), np.int32), mesh)
+    return out
+
+
+def pending_arrays(sampled: SampledBatch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """The checkpointed part of a pending batch, as global arrays (behaviour log-probs padded to T_new)."""
+    if sampled.behaviour_logprobs is None:
+        raise ValueError("a pending batch needs its behaviour log-probs to be checkpointed (train.overlap set)")
+    out = {k: hosts.global_rows(np.asarray(getattr(sampled.rollout, k)), mesh) for k in _PENDING_ROW_FIELDS}
+    behaviour = hosts.local_rows(sampled.behaviour_logprobs)
+    pad = sampled.rollout.max_new_tokens - behaviour.shape[1]
+    out["behaviour_logprobs"] = hosts.global_rows(np.pad(behaviour, ((0, 0), (0, pad))), mesh)
+    out["decode_steps"] = hosts.replicated(np.asarray(sampled.rollout.decode_steps, np.int32), mesh)
+    return out
 
 
 @dataclasses.dataclass
@@ -79,13 +165,42 @@ class RLStep:
         shaping_cfg = builders.shaping_config(self.config)
         self._advantages = jax.jit(lambda r, l, rl: shaping.advantages(r, l, rl, shaping_cfg))
         self.updates_per_batch = int(self.config.train.updates_per_batch)
-        self.recompute_old = builders.old_logprobs_mode(self.config) == "batch"
+        self.overlap = overlap_mode(self.config)
+        self.behaviour_forward = builders.old_logprobs_mode(self.config) == "batch"
+        if self.overlap != "none" and not self.behaviour_forward:
+            raise ValueError(
+                f"config.train.overlap={self.overlap!r} updates on batches the previous weights sampled, so pi_old "
+                "must be the behaviour policy's log-probs: builders.old_logprobs_mode must return 'batch' whenever "
+                "train.overlap is not 'none' (it returned 'current'); or set config.train.overlap='none'"
+            )
         self.use_reference = float(self.config.loss.kl_coef) > 0
-        needs_forward = self.recompute_old or self.use_reference
+        needs_forward = self.behaviour_forward or self.use_reference
         self.batch_logprobs = builders.rl_batch_logprobs(self.sampler.graphdef, self.config) if needs_forward else None
+        self.trim = trimming_keeps_loss(builders.loss_config(self.config))
+        self.update_widths: set[int] = set()
 
     def __call__(self, state: dict[str, Any], batch: Mapping[str, Any], timer: metrics_lib.PhaseTimer) -> RLStepResult:
-        G, policy, scfg = self.group_size, self.policy, self.sampler_config
+        """One step without overlap: sample, wait for the judges, update."""
+        sampled, state = self.sample(state, batch, timer, version=0)
+        return self.finish(state, sampled, timer, version=0)
+
+    def step_overlapped(
+        self, state: dict[str, Any], pending: SampledBatch, next_batch: Mapping[str, Any] | None,
+        timer: metrics_lib.PhaseTimer, *, version: int,
+    ) -> tuple[RLStepResult, SampledBatch | None]:
+        """One "one_step_off" step: sample `next_batch` (None at the last step) with the weights of `version`
+        while `pending` is being judged, then update on `pending`. Returns (its result, the new pending batch)."""
+        upcoming = None
+        if next_batch is not None:
+            upcoming, state = self.sample(state, next_batch, timer, version=version)
+        return self.finish(state, pending, timer, version=version), upcoming
+
+    def sample(
+        self, state: dict[str, Any], batch: Mapping[str, Any], timer: metrics_lib.PhaseTimer, *, version: int,
+    ) -> tuple[SampledBatch, dict[str, Any]]:
+        """Rollouts of `batch` under state's weights (policy `version`), submitted to the judges at once, and
+        the training batch with the behaviour log-probs. Returns (the sampled batch, state with its rng advanced)."""
+        policy, scfg = self.policy, self.sampler_config
         prompts = batches_lib.prompt_inputs(policy, batch)
         rng, key = jax.random.split(state["rng"])
         params = self.for_sampling(state["train"].params)
@@ -96,9 +211,43 @@ class RLStep:
             rollout = batches_lib.local_rollout(rollout)
         del params
         sample_seconds = time.perf_counter() - start
+        sampled = self._submit(batch, prepared, rollout, version, sample_seconds)
+        behaviour = None
+        if self.behaviour_forward:
+            with timer.phase("old_logprobs"):  # dispatched asynchronously: it runs while the judges work
+                behaviour = self.batch_logprobs(state["train"].params, sampled.train_batch)
+        return dataclasses.replace(sampled, behaviour_logprobs=behaviour), {**state, "rng": rng}
+
+    def restore_pending(self, arrays: Mapping[str, Any], batch: Mapping[str, Any], version: int) -> SampledBatch:
+        """The pending batch of a checkpoint (`pending_arrays`), its data batch `batch` drawn again from the
+        restored iterator: rebuilt exactly and resubmitted to the judges (its judging never reached the save)."""
+        rows = {k: hosts.local_rows(arrays[k]) for k in _PENDING_ROW_FIELDS}
+        rollout = Rollout(**rows, decode_steps=np.asarray(hosts.host_value(arrays["decode_steps"]), np.int32))
+        prepared = self.sampler.prepare_prompts(batches_lib.prompt_inputs(self.policy, batch), self.sampler_config)
+        sampled = self._submit(batch, prepared, rollout, version, math.nan)  # sampled before the restart: unknown
+        behaviour = hosts.local_rows(arrays["behaviour_logprobs"])[:, : sampled.columns]
+        return dataclasses.replace(sampled, behaviour_logprobs=hosts.global_rows(behaviour, self.mesh))
+
+    def _submit(self, batch: Mapping[str, Any], prepared: Mapping[str, Any], rollout: Rollout, version: int,
+                sample_seconds: float) -> SampledBatch:
+        captions = batches_lib.completion_texts(self.policy, rollout)
+        judging = self.manager.submit(batches_lib.reward_items(batch, captions, self.group_size))
+        columns = rollout.max_new_tokens
+        if self.trim:  # every process must cut to the same width: the longest row over all of them
+            columns = completion_bucket(hosts.agree_max(int(np.max(rollout.lengths))), rollout.max_new_tokens)
+        train_batch = build_training_batch(prepared, trim_rollout(rollout, columns), self.group_size,
+                                           tile_vision=batches_lib.tile_vision_for(self.policy, batch))
+        train_batch = {k: (v if k == "vision" else np.asarray(v)) for k, v in train_batch.items()}
+        return SampledBatch(batch=batch, rollout=rollout, captions=captions,
+                            train_batch=placement.place_batch(train_batch, self.mesh), behaviour_logprobs=None,
+                            version=version, columns=columns, sample_seconds=sample_seconds, judging=judging)
+
+    def finish(self, state: dict[str, Any], sampled: SampledBatch, timer: metrics_lib.PhaseTimer, *,
+               version: int) -> RLStepResult:
+        """Waits for `sampled`'s rewards, computes the advantages and updates the weights (of `version`)."""
+        G, policy, batch, rollout = self.group_size, self.policy, sampled.batch, sampled.rollout
         with timer.phase("reward"):
-            captions = batches_lib.completion_texts(policy, rollout)
-            judged = self.manager.score_sync(batches_lib.reward_items(batch, captions, G))
+            judged = sampled.judging.result()
             rewards = hosts.allgather(judged.rewards)
         lengths = hosts.allgather(caption_lengths(rollout).reshape(-1, G))
         ref_lengths = hosts.allgather(batches_lib.reference_lengths(policy, batch))
@@ -106,26 +255,26 @@ class RLStep:
             advantages, _ = self._advantages(jnp.asarray(rewards), jnp.asarray(lengths), jnp.asarray(ref_lengths))
             advantages = np.asarray(advantages)
         with timer.phase("update"):
-            train_batch = build_training_batch(prepared, rollout, G,
-                                               tile_vision=batches_lib.tile_vision_for(policy, batch))
-            train_batch = {k: (v if k == "vision" else np.asarray(v)) for k, v in train_batch.items()}
             mine = hosts.rows_of_process(self.mesh, advantages.size)
-            train_batch["advantages"] = advantages.reshape(-1)[mine]
-            train_batch = placement.place_batch(train_batch, self.mesh)
-            if self.recompute_old:  # pi_old once per batch, by the trainer's forward (not the sampler's)
-                train_batch["trainer_logprobs"] = self.batch_logprobs(state["train"].params, train_batch)
+            train_batch = {**sampled.train_batch,
+                           **placement.place_batch({"advantages": advantages.reshape(-1)[mine]}, self.mesh)}
+            if sampled.behaviour_logprobs is not None:  # pi_old: the weights that sampled the batch
+                train_batch["trainer_logprobs"] = sampled.behaviour_logprobs
             if self.use_reference:
                 train_batch["ref_logprobs"] = self.batch_logprobs(state["reference"], train_batch)
             train_state, metrics = state["train"], {}
             for _ in range(self.updates_per_batch):
                 train_state, metrics = self.update(train_state, train_batch)
             update_metrics = {k: float(hosts.host_value(v)) for k, v in metrics.items()}
+        self.update_widths.add(sampled.columns)
         tokens = int(hosts.allgather(np.asarray([rollout.lengths.sum()], np.int64)).sum())
         return RLStepResult(
-            state={**state, "train": train_state, "rng": rng}, batch=batch, rollout=rollout, captions=captions,
+            state={**state, "train": train_state}, batch=batch, rollout=rollout, captions=sampled.captions,
             rewards=rewards, component_names=tuple(judged.component_names), judge_scalars=judge_scalars(judged, rewards),
             lengths=lengths, ref_lengths=ref_lengths, advantages=advantages, update_metrics=update_metrics,
-            sample_seconds=sample_seconds, tokens=tokens, row_offset=mine.start,
+            sample_seconds=sampled.sample_seconds, tokens=tokens, row_offset=mine.start,
+            staleness=version - sampled.version, completion_columns=sampled.columns,
+            update_widths=len(self.update_widths),
         )
 
 
@@ -165,6 +314,9 @@ def step_metrics(result: RLStepResult, weights) -> dict[str, float]:
     scalars["length/eos_fraction"] = float(hosts.allgather(eos.astype(np.float32)).mean())
     scalars["sample/tokens"] = float(result.tokens)
     scalars["sample/tokens_per_s"] = result.tokens / max(result.sample_seconds, 1e-9)  # first step: with compiles
+    scalars["overlap/staleness"] = float(result.staleness)
+    scalars["update/completion_columns"] = float(result.completion_columns)
+    scalars["update/compiled_widths"] = float(result.update_widths)  # bounded by the power-of-two buckets
     return scalars
 
 

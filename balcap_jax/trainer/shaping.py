@@ -48,8 +48,8 @@ class ShapingConfig:
     grpo_partial_nan: str = DEFAULT_GRPO_PARTIAL_NAN
     length_kind: str = "mask"
     length_component: str = "linguistic"
-    ratio_min: float = 0.5
-    ratio_max: float = 1.5
+    ratio_min: float = adv.DEFAULT_RATIO_MIN
+    ratio_max: float = adv.DEFAULT_RATIO_MAX
     masked_value: float = 0.0
     length_coef: float = 0.01
 

@@ -105,9 +105,19 @@ def test_ambiguous_mentions_do_not_cover_facts():
 def test_linguistic_rules():
     fluent = "There are three shapes in the image. There is a small red circle in the top left."
     repeated = "There is a small red circle in the top left. There is a small red circle in the top left."
-    got = values(J.ShapesWorldLinguistic(), [fluent, repeated, "there is a red circle", "A an the the.", "",
-                                             "There is a red circle floating gracefully. There is a blue square."])
+    captions = [fluent, repeated, "there is a red circle", "A an the the.", "",
+                "There is a red circle floating gracefully. There is a blue square."]
+    got = values(J.ShapesWorldLinguistic(scale="exact"), captions)
     assert got == pytest.approx([1.0, 0.25, 0.5, 0.0, 0.0, 0.5])
+    # The default rates clarity, fluency, coherence on 1..10 like an LLM judge; (mean - 1) / 9. The repeat keeps
+    # clarity and fluency 10 and gets coherence 1 + round(9 * 1/2 * 1/2) = 3; the lower-case fragment-free
+    # sentence is not well formed (clarity 1); the floating circle: half the sentences grammatical (fluency
+    # 1 + round(4.5) = 5, Python rounds half to even); the word salad makes no claim (every axis 1).
+    rated = values(J.ShapesWorldLinguistic(), captions)
+    assert rated == pytest.approx([1.0, (10 + 10 + 3 - 3) / 27, (1 + 10 + 10 - 3) / 27, 0.0, 0.0,
+                                   (10 + 5 + 10 - 3) / 27])
+    with pytest.raises(ValueError, match="ShapesWorldLinguistic.scale"):
+        J.ShapesWorldLinguistic(scale="likert")
 
 
 def test_qa_answers_from_the_caption_alone():

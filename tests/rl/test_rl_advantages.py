@@ -186,7 +186,7 @@ class LengthHandlingTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_length_conditional_mask_several_components_and_per_sample_refs(self):
         rewards = np.full((2, 2, 3), 0.5, np.float32)
-        lengths = np.array([[10, 30], [10, 10]])
+        lengths = np.array([[10, 30], [10, 11]])  # rho = 1, 3 | inf, 2.2: outside the default band [0.5, 2.0]
         ref_lengths = np.array([[10, 10], [0, 5]])  # a reference length of 0 counts as out of band
         got = self.variant(
             functools.partial(adv.length_conditional_mask, component=(0, 2), masked_value=-1.0)

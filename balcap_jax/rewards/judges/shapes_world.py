@@ -18,7 +18,10 @@ Scores (all in [0, 1], exact, deterministic):
               (`entailed_facts`): existence by any claim naming that colour and shape; size / region by a size /
               region claim about an object its mention identifies uniquely; a relation by the same relation or
               its mirror ("B right of A" covers "A left of B"); the count by a count claim about all shapes.
-  linguistic  non_repetition × mean over sentences of grammatical × (1 + well_formed) / 2, with the rules of
+  linguistic  as the component scores it by default: clarity, fluency and coherence rated 1-10 like an LLM judge,
+              the mean mapped to [0, 1] (`shapes_world_rating`). `linguistic()` below is the exact continuous
+              score (`ShapesWorldLinguistic(scale="exact")`):
+              non_repetition × mean over sentences of grammatical × (1 + well_formed) / 2, with the rules of
               `shapes_world_grammar` (G1–G6, well-formedness): an ungrammatical sentence earns 0, a grammatical
               one with bad capitalisation / punctuation / length earns 1/2; and
               non_repetition = (#distinct sentences / #sentences) × (#distinct claims / #claims). Empty: 0.
@@ -35,6 +38,7 @@ from typing import Any, Callable, Sequence
 
 from balcap_jax.data import shapes_world as world
 from balcap_jax.data.shapes_world_grammar import Claim, Mention, ParsedCaption, parse_caption
+from balcap_jax.rewards.judges.shapes_world_rating import rated_linguistic
 from balcap_jax.rewards.types import ComponentScore, RewardItem
 
 _MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -323,12 +327,24 @@ class ShapesWorldRecall:
         return _score_each(items, one)
 
 
+LINGUISTIC_SCALES = ("rating", "exact")
+
+
 @dataclasses.dataclass(frozen=True)
 class ShapesWorldLinguistic:
+    """scale "rating" (the default): clarity, fluency and coherence rated 1-10 like an LLM judge, mean mapped to
+    [0, 1] (`shapes_world_rating`); "exact": the continuous `linguistic` score above."""
+
     name: str = "linguistic"
+    scale: str = "rating"
+
+    def __post_init__(self):
+        if self.scale not in LINGUISTIC_SCALES:
+            raise ValueError(f"ShapesWorldLinguistic.scale={self.scale!r}; allowed: {LINGUISTIC_SCALES}")
 
     async def score(self, items: Sequence[RewardItem]) -> list[ComponentScore]:
-        return _score_each(items, lambda item: linguistic(parse_caption(item.caption)))
+        judge = rated_linguistic if self.scale == "rating" else linguistic
+        return _score_each(items, lambda item: judge(parse_caption(item.caption)))
 
 
 @dataclasses.dataclass(frozen=True)
