@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rewards.weights = (1.0, 1.0, 1.0)  # alpha, beta, gamma
     c.rewards.judge = ml_collections.ConfigDict(
         dict(
-            backend="shapes_world",  # shapes_world | openai (jax_local judges are built in code)
+            backend="shapes_world",  # shapes_world | openai | jax_local (in-process Llama text judge)
             llm_url="",
             llm_model="",
             vlm_url="",
@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
             max_retries=4,
             image_max_side=1024,  # longest side of images sent to HTTP judges; 0 keeps the size
             response_format="json_schema",  # json_schema | json_object | none (servers rejecting response_format)
+            local_model_dir="",  # jax_local: an HF Llama chat directory (python -m balcap_jax.tools.smollm2_checkpoint)
+            local_max_new_tokens=512,
         )
     )
 
