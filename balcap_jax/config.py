@@ -250,6 +250,9 @@ SCHEMA: tuple[Field, ...] = (
        choices=("none", "one_step_off"), optional=True),
     _f("train.compile_cache_dir", "str", "persistent XLA compilation cache; '' = <workdir>/compile_cache, 'off' "
        "disables", optional=True),
+    _f("train.init_from", "str", "warm start loaded into the from-scratch policy before SFT/RL (a .npz + .json "
+       "from `python -m experiments.build_warm_start`; relative paths are read against the package); '' = random",
+       optional=True),
     _f("eval.max_images", "int", "held-out images evaluated (whole batches); 0 = the whole split", low=0,
        optional=True),
     _f("eval.batch_size", "int", "greedy captions per evaluation batch, global; 0 = prompts_per_batch * group_size",

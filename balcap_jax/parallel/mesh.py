@@ -27,6 +27,8 @@ MESH_AXES: tuple[str, str, str] = (DATA, FSDP, TENSOR)
 BATCH_AXES: tuple[str, str] = (DATA, FSDP)
 
 FILL = -1  # an axis size of -1 takes whatever the other axes leave of the device count
+# config.mesh fields that say how arrays use the axes, not how large they are (trainer/rollout_weights.py).
+LAYOUT_FIELDS: tuple[str, ...] = ("sampling_tensor_axes",)
 
 _log = logging.getLogger(__name__)
 
@@ -43,10 +45,11 @@ class MeshShape:
     def from_config(cls, config: Mapping[str, Any] | Any) -> "MeshShape":
         """Reads `data`, `fsdp`, `tensor` from a mapping or attribute container (e.g. `config.mesh`)."""
         get = config.get if isinstance(config, Mapping) else lambda k, d: getattr(config, k, d)
-        unknown = set(config.keys() if hasattr(config, "keys") else ()) - set(MESH_AXES)
+        unknown = set(config.keys() if hasattr(config, "keys") else ()) - set(MESH_AXES) - set(LAYOUT_FIELDS)
         if unknown:
             raise ValueError(
-                f"mesh config has unknown field(s) {sorted(unknown)}; allowed fields are {list(MESH_AXES)}"
+                f"mesh config has unknown field(s) {sorted(unknown)}; allowed fields are "
+                f"{list(MESH_AXES) + list(LAYOUT_FIELDS)}"
             )
         return cls(**{axis: int(get(axis, getattr(cls, axis))) for axis in MESH_AXES})
 
@@ -175,3 +178,29 @@ def initialize_distributed(config: DistributedConfig) -> bool:
         jax.device_count(),
     )
     return True
+
+
+def tp_axis(axis: str) -> str:
+    """The sampling mesh's name for training axis `axis` when the rollout copy is tensor-parallel over it."""
+    return f"{axis}_tp"
+
+
+def sampling_mesh(mesh: Mesh, tensor_axes: Sequence[str]) -> Mesh:
+    """The same devices with each axis of `tensor_axes` moved behind the (data, fsdp, tensor) axes under its
+    `tp_axis` name, those three keeping size 1 where they moved.
+
+    The models pin activations' rows to ("data", "fsdp") under a mesh context (`layers.constrain_batch`); on this
+    mesh those axes hold only what is not tensor-parallel, so rollout activations are replicated over the
+    tensor-parallel devices (Megatron style: one reduction per block) and XLA never gathers a weight per token.
+    E.g. (data=1, fsdp=8, tensor=2) with ("fsdp", "tensor") -> (1, 1, 1, fsdp_tp=8, tensor_tp=2), same device
+    order, so every device keeps its place on the interconnect.
+    """
+    unknown = [a for a in tensor_axes if a not in MESH_AXES]
+    if unknown or len(set(tensor_axes)) != len(tensor_axes):
+        raise ValueError(f"sampling tensor axes {tuple(tensor_axes)!r}: give distinct axes from {list(MESH_AXES)}")
+    moved = [MESH_AXES.index(a) for a in tensor_axes]
+    devices = np.moveaxis(mesh.devices, moved, list(range(len(MESH_AXES) - len(moved), len(MESH_AXES))))
+    kept_shape = [1 if axis in tensor_axes else mesh.shape[axis] for axis in MESH_AXES]
+    devices = devices.reshape(*kept_shape, *(mesh.shape[a] for a in tensor_axes))
+    names = (*MESH_AXES, *(tp_axis(a) for a in tensor_axes))
+    return Mesh(devices, names, axis_types=(AxisType.Auto,) * len(names))

@@ -12,7 +12,10 @@ weights can be created, loaded (`models.hf_io`) or restored (`checkpoint`) direc
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -47,6 +50,63 @@ SAMPLING_RULES: LogicalRules = (
     ("kv_heads", TENSOR),
     ("head_dim", None),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    """Mesh axes each tensor-parallel dimension kind is split over (an empty tuple: replicated).
+
+    heads: q heads (q_proj out, o_proj in); kv_heads: k/v heads (k/v_proj out, the KV cache's head axis), always
+    a prefix of `heads` so each device's q heads read only the kv heads it holds; mlp: the MLP's hidden width;
+    vocab: the embedding's and lm_head's vocabulary.
+    """
+
+    heads: tuple[str, ...]
+    kv_heads: tuple[str, ...]
+    mlp: tuple[str, ...]
+    vocab: tuple[str, ...]
+
+    @classmethod
+    def uniform(cls, axes: Sequence[str]) -> "TensorPlan":
+        """Every kind over the same `axes` (divisibility left to `fit_spec`)."""
+        axes = tuple(axes)
+        return cls(heads=axes, kv_heads=axes, mlp=axes, vocab=axes)
+
+    def rows_axes(self, batch_axes: Sequence[str]) -> tuple[str, ...]:
+        """The batch axes the KV cache's rows may still use: those its head axis does not."""
+        return tuple(axis for axis in batch_axes if axis not in self.kv_heads)
+
+
+def spec_entry(axes: Sequence[str]) -> MeshAxes:
+    """A PartitionSpec entry for `axes`: None when empty, the name when one, the tuple otherwise."""
+    axes = tuple(axes)
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
+def dividing_axes(count: int, axes: Sequence[str], mesh: Mesh, *, prefix: Sequence[str] = ()) -> tuple[str, ...]:
+    """`prefix` + the sub-sequence of the other `axes` (order kept) whose mesh-size product is the largest with
+    prod(prefix) * product dividing `count`; ties go to axes later in `axes` (the innermost, fastest links).
+    Axes of size 1 are left out (they split nothing). E.g. 28 heads over fsdp=4 x tensor=2 -> ("fsdp",)
+    (4 | 28, 8 does not); 4 KV heads over fsdp=8 -> () (replicated).
+    """
+    for name in (*axes, *prefix):
+        if name not in mesh.shape:
+            raise ValueError(f"mesh axis {name!r} does not exist; the mesh has axes {tuple(mesh.shape)}")
+    prefix = tuple(prefix)
+    base = math.prod(mesh.shape[a] for a in prefix)
+    if count % base:
+        raise ValueError(f"prefix axes {prefix} (size {base}) do not divide {count}")
+    free = [a for a in axes if a not in prefix and mesh.shape[a] > 1]
+    best: tuple[int, tuple[int, ...], tuple[str, ...]] = (1, (), ())
+    for size in range(1, len(free) + 1):
+        for combo in itertools.combinations(range(len(free)), size):
+            product = math.prod(mesh.shape[free[i]] for i in combo)
+            if count % (base * product):
+                continue
+            key = (product, tuple(sorted(combo, reverse=True)), tuple(free[i] for i in combo))
+            if key[:2] > best[:2]:
+                best = key
+    return prefix + best[2]
 
 
 def path_to_str(path: Sequence[Any]) -> str:
@@ -246,6 +306,9 @@ __all__ = [
     "TENSOR",
     "TRAINING_RULES",
     "SAMPLING_RULES",
+    "TensorPlan",
+    "dividing_axes",
+    "spec_entry",
     "abstract_with_shardings",
     "batch_sharding",
     "describe",

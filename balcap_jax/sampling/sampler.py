@@ -21,6 +21,7 @@ threefry the draws do not depend on how the batch is sharded, so a rollout is id
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -60,10 +61,18 @@ class DecodeStart:
 
 @dataclasses.dataclass(frozen=True)
 class BatchLayout:
-    """Where the batch axis lives: sharded over `axes` of `mesh`, or nowhere (single device, no mesh)."""
+    """Where the batch axis lives: sharded over `axes` of `mesh`, or nowhere (single device, no mesh).
+
+    cache_heads: mesh axes the KV cache's head axis is split over, those of the rollout weights' k/v_proj (so
+    each device attends with the heads it projects); the cache's rows then use the batch axes left over and
+    `cache_rows`: tensor-parallel axes the KV heads could not take (so a cache whose heads do not divide is
+    still split, not replicated).
+    """
 
     mesh: Mesh | None = None
     axes: tuple[str, ...] = ()
+    cache_heads: tuple[str, ...] = ()
+    cache_rows: tuple[str, ...] = ()
 
     @property
     def num_shards(self) -> int:
@@ -83,12 +92,24 @@ class BatchLayout:
         sharding = self.sharding(x.ndim, batch_axis)
         return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
+    def cache_sharding(self, ndim: int, batch_axis: int, head_axis: int | None = None) -> NamedSharding | None:
+        """KVCache.k / .v [L, N, S, H_kv, Dh] (batch_axis=1, head_axis=3) or .valid [N, S] (batch_axis=0): heads
+        over `cache_heads`, rows over the batch axes they leave."""
+        if self.mesh is None:
+            return None
+        rows = tuple(a for a in (*self.axes, *self.cache_rows) if a not in self.cache_heads)
+        spec: list[Any] = [None] * ndim
+        spec[batch_axis] = rows or None
+        if head_axis is not None:
+            spec[head_axis] = self.cache_heads or None
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
+
     def constrain_cache(self, cache: KVCache) -> KVCache:
-        return cache.replace(
-            k=self.constrain(cache.k, batch_axis=1),
-            v=self.constrain(cache.v, batch_axis=1),
-            valid=self.constrain(cache.valid),
-        )
+        def pin(x: Array, batch_axis: int, head_axis: int | None = None) -> Array:
+            sharding = self.cache_sharding(x.ndim, batch_axis, head_axis)
+            return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+        return cache.replace(k=pin(cache.k, 1, 3), v=pin(cache.v, 1, 3), valid=pin(cache.valid, 0))
 
 
 def prefill_and_tile(
@@ -237,16 +258,23 @@ class Sampler:
 
     mesh: shard the rollout batch over `batch_axes` of `mesh` (default: the mesh's data-parallel axes present
     in it, `("data", "fsdp")`); weights keep whatever sharding `state` carries (use the sampling layout: no FSDP
-    on weights, so decode does not all-gather them every step).
+    on weights, so decode does not all-gather them every step). cache_heads: the mesh axes the rollout weights
+    split k/v heads over (`trainer.rollout_weights.RolloutWeights.cache_heads`); the KV cache follows them, and
+    splits its rows over `cache_rows` (`RolloutWeights.cache_rows`) too.
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, *, mesh: Mesh | None = None, batch_axes: tuple[str, ...] | None = None):
+    def __init__(self, graphdef: nnx.GraphDef, *, mesh: Mesh | None = None, batch_axes: tuple[str, ...] | None = None,
+                 cache_heads: tuple[str, ...] = (), cache_rows: tuple[str, ...] = ()):
         if mesh is not None:
             axes = tuple(a for a in (BATCH_AXES if batch_axes is None else batch_axes) if a in mesh.shape)
             unknown = set(batch_axes or ()) - set(mesh.shape)
             if unknown:
                 raise ValueError(f"batch_axes {sorted(unknown)} are not axes of the mesh {dict(mesh.shape)}")
-            self.layout = BatchLayout(mesh, axes)
+            unknown = (set(cache_heads) | set(cache_rows)) - set(mesh.shape)
+            if unknown:
+                raise ValueError(f"cache_heads / cache_rows {sorted(unknown)} are not axes of the mesh "
+                                 f"{dict(mesh.shape)}")
+            self.layout = BatchLayout(mesh, axes, tuple(cache_heads), tuple(cache_rows))
         else:
             self.layout = BatchLayout()
         self.graphdef = graphdef
@@ -317,23 +345,32 @@ class Sampler:
         return {name: jax.tree.map(lambda x, n=name: place(n, x), value) for name, value in prompts.items()}
 
     # -- the two stages ---------------------------------------------------------------------------------------
+    def mesh_context(self) -> Any:
+        """The mesh context the stages trace and run under: the sampler's mesh (the models pin activation rows
+        to its batch axes, `layers.constrain_batch`), whatever mesh the caller has set."""
+        return contextlib.nullcontext() if self.layout.mesh is None else jax.set_mesh(self.layout.mesh)
+
     def prefill(self, state: nnx.State, prompts: SequenceInputs, config: SamplerConfig) -> DecodeStart:
         """Stage 1 on a prepared (bucketed) prompt batch."""
         placed = self._place(prompts)
-        return self._prefill(state, placed, graphdef=self.graphdef, config=config, layout=self.layout)
+        with self.mesh_context():
+            return self._prefill(state, placed, graphdef=self.graphdef, config=config, layout=self.layout)
 
     def decode(self, state: nnx.State, start: DecodeStart, config: SamplerConfig, key: Array) -> Rollout:
         """Stage 2; `start.cache` is donated (its buffers are invalid afterwards)."""
-        rollout, _ = self._decode(
-            state,
-            start.cache,
-            start.logits,
-            start.start_positions,
-            key,
-            graphdef=self.graphdef,
-            config=config,
-            layout=self.layout,
-        )
+        if self.layout.mesh is not None:  # the caller's key may live on another mesh of the same devices
+            key = jax.device_put(key, NamedSharding(self.layout.mesh, PartitionSpec()))
+        with self.mesh_context():
+            rollout, _ = self._decode(
+                state,
+                start.cache,
+                start.logits,
+                start.start_positions,
+                key,
+                graphdef=self.graphdef,
+                config=config,
+                layout=self.layout,
+            )
         return rollout
 
     def __call__(self, state: nnx.State, prompts: SequenceInputs, config: SamplerConfig, key: Array) -> Rollout:

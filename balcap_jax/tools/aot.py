@@ -10,7 +10,8 @@ has, a quick check of shapes and shardings whose memory figures are XLA:CPU's pl
 
 What is compiled is what `trainer/loop.py` runs, built by the same code: the update step from
 `builders.rl_update_step`, the rollout programs from the `Sampler`'s own jits (prefill + tile, while_loop decode),
-and the training -> sampling weight reshard `jax.jit(lambda p: p, out_shardings=<sampling shardings>)`. Inputs are
+and the training -> sampling weight reshard + cast (`placement.rollout_copy`, the loop's `for_sampling`: the very
+jitted program the loop calls). Inputs are
 sharded `jax.ShapeDtypeStruct`s on the recipe's mesh over the target's devices (no weight is ever allocated for a
 released checkpoint; a from-scratch recipe builds its small policy as the loop does, vocabulary included).
 
@@ -400,7 +401,8 @@ def program_report(name: str, compiled: Any, seconds: float) -> ProgramReport:
 @dataclasses.dataclass(frozen=True)
 class Resident:
     """Per-chip bytes of what lives between programs: params (training layout), optimizer state, the rollout
-    copy of the weights (sampling layout; from the reshard until the update), the decode KV cache."""
+    copy of the weights (sampling layout, bf16 in bf16 recipes; from the reshard until decode ends: the loop
+    drops it before the update), the decode KV cache."""
 
     params: int
     opt_state: int
@@ -515,6 +517,7 @@ class RecipePrograms:
     rollout_params: Any
     shapes: StepShapes
     sampler: Sampler
+    for_sampling: Any  # trainer.rollout_weights.RolloutWeights: the loop's reshard program
 
     @classmethod
     def build(cls, config: Any, devices: Sequence[jax.Device], *, depth: tuple[int, int] | None = None,
@@ -523,7 +526,8 @@ class RecipePrograms:
         mesh = builders.mesh(config, devices)
         graphdef, params = nnx.split(policy.model)
         training = abstract_params(params, placement.param_shardings(policy.family, params, mesh, "training"))
-        rollout = abstract_params(params, placement.param_shardings(policy.family, params, mesh, "sampling"))
+        for_sampling = placement.rollout_copy(config, policy, training, mesh)
+        rollout = for_sampling.abstract(training)
         optimizer, _ = builders.rl_optimizer(config)
         shapes = step_shapes(config, policy)
         batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -533,7 +537,8 @@ class RecipePrograms:
                 f"{batch_shards} batch shards of mesh {dict(mesh.shape)}; change data.prompts_per_batch or config.mesh"
             )
         return cls(config, policy, mesh, graphdef, train_state_structs(training, optimizer, mesh), rollout, shapes,
-                   Sampler(graphdef, mesh=mesh))
+                   Sampler(graphdef, mesh=for_sampling.mesh, cache_heads=for_sampling.cache_heads,
+                           cache_rows=for_sampling.cache_rows), for_sampling)
 
     @property
     def sampler_config(self):
@@ -549,18 +554,18 @@ class RecipePrograms:
             return step.lower(self.train_state, update_batch_structs(self.policy, self.shapes, self.mesh))
 
     def lower_reshard(self) -> Any:
-        """The loop's `for_sampling`: training params -> the sampling layout, one program."""
-        out = jax.tree.map(lambda leaf: leaf.sharding, self.rollout_params)
+        """The loop's `for_sampling` (`placement.rollout_copy`): training params -> the rollout copy."""
         with jax.set_mesh(self.mesh):
-            return jax.jit(lambda p: p, out_shardings=out).lower(self.train_state.params)
+            return self.for_sampling.program.lower(self.train_state.params)
 
     def prompts(self) -> dict[str, Any]:
-        return prompt_structs(self.policy, self.shapes, self.mesh, self.sampler)
+        """The prompt batch on the sampler's mesh (the rollout copy's `sampling_mesh`), as `Sampler._place` puts it."""
+        return prompt_structs(self.policy, self.shapes, self.sampler.layout.mesh, self.sampler)
 
     def compile_prefill(self) -> tuple[Any, float]:
         """The Sampler's own prefill jit, compiled on the rollout weights and the prompt batch."""
         program = self.sampler._prefill  # the CountingJit the loop's `sampler.prefill` calls
-        with jax.set_mesh(self.mesh):
+        with self.sampler.mesh_context():
             compiled = program.compiled_variant(self.rollout_params, self.prompts(), **self._statics())
         return compiled, program.stats.last_seconds
 
@@ -570,24 +575,30 @@ class RecipePrograms:
         from balcap_jax.sampling.sampler import prefill_and_tile
 
         statics, layout = self._statics(), self.sampler.layout
-        start = jax.eval_shape(lambda p, x: prefill_and_tile(p, x, **statics), self.rollout_params, self.prompts())
+        with self.sampler.mesh_context():
+            start = jax.eval_shape(lambda p, x: prefill_and_tile(p, x, **statics), self.rollout_params,
+                                   self.prompts())
 
         def rows(leaf, batch_axis=0):
             return _struct(leaf.shape, leaf.dtype, layout.sharding(len(leaf.shape), batch_axis))
 
+        def cache_part(leaf, batch_axis, head_axis=None):
+            return _struct(leaf.shape, leaf.dtype, layout.cache_sharding(len(leaf.shape), batch_axis, head_axis))
+
         cache = start.cache.replace(
-            k=rows(start.cache.k, 1), v=rows(start.cache.v, 1), valid=rows(start.cache.valid),
-            index=_replicated(self.mesh, start.cache.index.shape, start.cache.index.dtype),
+            k=cache_part(start.cache.k, 1, 3), v=cache_part(start.cache.v, 1, 3),
+            valid=cache_part(start.cache.valid, 0),
+            index=_replicated(layout.mesh, start.cache.index.shape, start.cache.index.dtype),
         )
         key = jax.eval_shape(lambda: jax.random.key(0))
-        key = _struct(key.shape, key.dtype, NamedSharding(self.mesh, P()))
+        key = _struct(key.shape, key.dtype, NamedSharding(layout.mesh, P()))  # `Sampler.decode` puts it there
         return cache, rows(start.logits), rows(start.start_positions), key
 
     def compile_decode(self) -> tuple[Any, float]:
         """The Sampler's own decode jit (while_loop, donated KV cache)."""
         program = self.sampler._decode
         cache, logits, starts, key = self.decode_inputs()
-        with jax.set_mesh(self.mesh):
+        with self.sampler.mesh_context():
             compiled = program.compiled_variant(self.rollout_params, cache, logits, starts, key, **self._statics())
         return compiled, program.stats.last_seconds
 

@@ -39,6 +39,7 @@ from balcap_jax.trainer import batches as batches_lib
 from balcap_jax.trainer import builders
 from balcap_jax.trainer import placement
 from balcap_jax.trainer import shaping
+from balcap_jax.trainer import warm_start
 from balcap_jax.trainer.data_sources import corpus_texts, eval_description, prepare_data
 from balcap_jax.trainer.families import family_of
 from balcap_jax.trainer.host_data import HostBatches, resolve_loader_shards
@@ -146,12 +147,15 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
     eval_every = int(config.metrics.eval_every)
     overlap = overlap_mode(config)
 
+    warm_start.check_config(config)  # before any data or model is built
     train_source, eval_source = prepare_data(config, workdir)
     eval_on = eval_description(config) if eval_source is not None else ""
     mesh = builders.mesh(config, devices)
     corpus = corpus_texts(train_source) if not config.model.hf_dir else None
     policy = build_policy(config, corpus=corpus, seed=seed, mesh=mesh)
     graphdef, params = nnx.split(policy.model)
+    if config.train.get("init_from", ""):  # a shipped warm start replaces the random weights (before SFT and RL)
+        params = warm_start.load_into(params, policy.vocab, str(config.train.init_from))
     params = hosts.to_sharding(params, placement.param_shardings(policy.family, params, mesh, "training"))
     # One program reshards (and casts) every leaf into the rollout copy; the AOT tool compiles the same one.
     for_sampling = placement.rollout_copy(config, policy, params, mesh)

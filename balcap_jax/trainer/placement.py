@@ -1,8 +1,8 @@
 """Where the run's arrays live on the (data, fsdp, tensor) mesh.
 
 Weights: the policy family's training layout (FSDP + tensor parallel) for the update, its sampling layout (no
-FSDP, so decode never all-gathers a layer per token) for rollouts: one reshard per RL step instead of one
-all-gather per decoded token. Batches: rows split over the batch axes ("data", "fsdp"); the flat per-batch vision
+FSDP, so decode never all-gathers a layer per token; tensor parallel over `mesh.sampling_tensor_axes`, bf16 in
+bf16 recipes: `rollout_copy`) for rollouts: one reshard per RL step instead of one all-gather per decoded token. Batches: rows split over the batch axes ("data", "fsdp"); the flat per-batch vision
 inputs (one patch sequence for all images) are replicated.
 """
 
@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from balcap_jax.parallel import hosts
+from balcap_jax.trainer import rollout_weights
 
 # Batch keys whose batch axis is not the leading one.
 _BATCH_AXIS = {"positions": 1}
@@ -42,3 +43,9 @@ def param_shardings(family: Any, params: Any, mesh: Mesh, layout: str) -> Any:
     """NamedShardings of `params` in the family's `layout` ("training" | "sampling")."""
     abstract = family.sharding(layout).abstract_params(params, mesh)
     return jax.tree.map(lambda leaf: leaf.sharding, abstract)
+
+
+def rollout_copy(config: Any, policy: Any, params: Any, mesh: Mesh) -> "rollout_weights.RolloutWeights":
+    """The loop's `for_sampling`: training params -> the rollout copy (bf16 in bf16 recipes, tensor-parallel over
+    `mesh.sampling_tensor_axes`), one jitted program; `trainer/rollout_weights.py`."""
+    return rollout_weights.for_config(config, policy.family, policy.model_config, params, mesh)

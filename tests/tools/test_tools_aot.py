@@ -17,6 +17,7 @@ from flax import nnx
 from balcap_jax import default_config
 from balcap_jax.data import pipeline as pipeline_lib
 from balcap_jax.parallel import hosts
+from balcap_jax.parallel.sharding import named_leaves
 from balcap_jax.rl import update as update_lib
 from balcap_jax.sampling.rollout import build_training_batch
 from balcap_jax.sampling.sampler import Sampler
@@ -176,11 +177,11 @@ def loop_update_lowering(config, workdir: Path):
     policy = build_policy(config, corpus=corpus_texts(train), seed=int(config.seed), mesh=mesh)
     graphdef, params = nnx.split(policy.model)
     params = hosts.to_sharding(params, placement.param_shardings(policy.family, params, mesh, "training"))
-    for_sampling = jax.jit(lambda p: p, out_shardings=placement.param_shardings(policy.family, params, mesh,
-                                                                                  "sampling"))
+    for_sampling = placement.rollout_copy(config, policy, params, mesh)
     rl_opt, _ = builders.rl_optimizer(config)
     state = hosts.globalize(update_lib.TrainState.create(params, rl_opt), mesh)
-    sampler = Sampler(graphdef, mesh=mesh)
+    sampler = Sampler(graphdef, mesh=for_sampling.mesh, cache_heads=for_sampling.cache_heads,
+                      cache_rows=for_sampling.cache_rows)
 
     processor = batches_lib.PolicyPromptProcessor.for_policy(policy, config.data.prompt)
     cfg = pipeline_lib.PipelineConfig(batch_size=int(config.data.prompts_per_batch),
@@ -210,6 +211,25 @@ def test_the_tools_update_program_is_the_loops(tmp_path):
     tool_text = tool.lower_update().as_text()
     assert "stablehlo.dot_general" in tool_text  # the model's matmuls, not an empty module
     assert tool_text == loop_text
+
+
+def test_the_tools_reshard_program_is_the_loops(tmp_path):
+    """The tool compiles the loop's `for_sampling` (`placement.rollout_copy`, the same builder): the same lowered
+    program, bf16 out in a bf16 recipe, on the rollout copy's sampling mesh."""
+    config = small_default(tmp_path)
+    config.model.dtype = "bfloat16"
+    mesh = builders.mesh(config)
+    train, _ = prepare_data(config, tmp_path / "loop")
+    policy = build_policy(config, corpus=corpus_texts(train), seed=int(config.seed), mesh=mesh)
+    _, params = nnx.split(policy.model)
+    params = hosts.to_sharding(params, placement.param_shardings(policy.family, params, mesh, "training"))
+    with jax.set_mesh(mesh):
+        loop_text = placement.rollout_copy(config, policy, params, mesh).program.lower(params).as_text()
+    tool = aot.RecipePrograms.build(config, jax.devices(), workdir=str(tmp_path / "tool"))
+    assert tool.lower_reshard().as_text() == loop_text
+    assert "bf16" in loop_text and tool.sampler.layout.mesh == tool.for_sampling.mesh
+    kernels = [leaf for name, leaf in named_leaves(tool.rollout_params) if name.endswith(".kernel")]
+    assert kernels and all(leaf.dtype == jax.numpy.bfloat16 for leaf in kernels)
 
 
 @pytest.mark.slow

@@ -18,9 +18,13 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from balcap_jax.parallel.mesh import BATCH_AXES, FSDP, TENSOR
-from balcap_jax.parallel.sharding import RuleShardingMixin
+from balcap_jax.parallel.sharding import RuleShardingMixin, TensorPlan, spec_entry
 
-def _rules(fsdp: str | None, tensor: str | None) -> tuple[tuple[str, P], ...]:
+def _rules(fsdp: str | None, plan: TensorPlan) -> tuple[tuple[str, P], ...]:
+    """The rules with FSDP over `fsdp` (None: none) and the decoder's / projector's tensor parallelism as `plan`
+    says; the CLIP tower stays tensor-parallel over `tensor` only."""
+    tensor = TENSOR
+    heads, kv, mlp, vocab = (spec_entry(a) for a in (plan.heads, plan.kv_heads, plan.mlp, plan.vocab))
     col = P(fsdp, tensor)  # [in, out] split over out
     row = P(tensor, fsdp)  # [in, out] split over in
     # The same behind a layer stack's replicated layer axis: [L, in, out].
@@ -29,19 +33,21 @@ def _rules(fsdp: str | None, tensor: str | None) -> tuple[tuple[str, P], ...]:
     vision = r"model\.vision_tower"
     return (
         # Llama decoder.
-        (rf"{text}\.embed_tokens\.embedding", P(tensor, fsdp)),  # [V, D]
-        (rf"{text}\.layers\.self_attn\.[qkv]_proj\.kernel", layer_col),
-        (rf"{text}\.layers\.self_attn\.[qkv]_proj\.bias", layer_tensor),
-        (rf"{text}\.layers\.self_attn\.o_proj\.kernel", layer_row),
+        (rf"{text}\.embed_tokens\.embedding", P(vocab, fsdp)),  # [V, D]
+        (rf"{text}\.layers\.self_attn\.q_proj\.kernel", P(None, fsdp, heads)),
+        (rf"{text}\.layers\.self_attn\.q_proj\.bias", P(None, heads)),
+        (rf"{text}\.layers\.self_attn\.[kv]_proj\.kernel", P(None, fsdp, kv)),
+        (rf"{text}\.layers\.self_attn\.[kv]_proj\.bias", P(None, kv)),
+        (rf"{text}\.layers\.self_attn\.o_proj\.kernel", P(None, heads, fsdp)),
         (rf"{text}\.layers\.self_attn\.o_proj\.bias", P()),
-        (rf"{text}\.layers\.mlp\.(gate|up)_proj\.kernel", layer_col),
-        (rf"{text}\.layers\.mlp\.down_proj\.kernel", layer_row),
+        (rf"{text}\.layers\.mlp\.(gate|up)_proj\.kernel", P(None, fsdp, mlp)),
+        (rf"{text}\.layers\.mlp\.down_proj\.kernel", P(None, mlp, fsdp)),
         (rf"{text}\.(layers\.)?\w*norm\.scale", P()),
-        (r"lm_head\.kernel", col),  # [D, V]
+        (r"lm_head\.kernel", P(fsdp, vocab)),  # [D, V]
         # Projector.
-        (r"model\.multi_modal_projector\.linear_1\.kernel", col),
-        (r"model\.multi_modal_projector\.linear_1\.bias", P(tensor)),
-        (r"model\.multi_modal_projector\.linear_2\.kernel", row),
+        (r"model\.multi_modal_projector\.linear_1\.kernel", P(fsdp, mlp)),
+        (r"model\.multi_modal_projector\.linear_1\.bias", P(mlp)),
+        (r"model\.multi_modal_projector\.linear_2\.kernel", P(mlp, fsdp)),
         (r"model\.multi_modal_projector\.linear_2\.bias", P()),
         # CLIP tower.
         (rf"{vision}\.embeddings\.patch_embedding\.kernel", P(None, None, None, fsdp)),  # [kh, kw, C, D]
@@ -70,12 +76,16 @@ class LlavaSharding(RuleShardingMixin):
     @classmethod
     def training(cls) -> "LlavaSharding":
         """FSDP over `fsdp` on one weight axis, tensor parallel over `tensor` on the other."""
-        return cls(_rules(FSDP, TENSOR))
+        return cls(_rules(FSDP, TensorPlan.uniform((TENSOR,))))
 
     @classmethod
-    def sampling(cls) -> "LlavaSharding":
-        """Tensor parallel only: weights are whole along `fsdp`/`data`, so decode steps need no all-gathers."""
-        return cls(_rules(None, TENSOR))
+    def sampling(cls, plan: TensorPlan | None = None) -> "LlavaSharding":
+        """Tensor parallel only (over `plan`'s axes, default `tensor`): weights are whole along the other axes, so
+        decode steps need no weight all-gathers. The KV cache splits its heads as k/v_proj do, its rows over the
+        batch axes left."""
+        plan = plan or TensorPlan.uniform((TENSOR,))
+        cache = P(None, spec_entry(plan.rows_axes(BATCH_AXES)), None, spec_entry(plan.kv_heads), None)
+        return cls(_rules(None, plan), kv_cache=cache)
 
     @classmethod
     def layout(cls, name: Literal["training", "sampling"]) -> "LlavaSharding":

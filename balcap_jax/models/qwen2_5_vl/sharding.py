@@ -4,8 +4,10 @@ Two layouts:
   * training: every matrix is FSDP-sharded over `fsdp` on its model-width dimension and tensor-parallel over
     `tensor` on its heads / MLP / vocabulary dimension (Megatron pairs: q/k/v and gate/up column-parallel,
     o_proj and down_proj row-parallel); the batch is split over (data, fsdp).
-  * sampling: the same tensor parallelism but no FSDP on weights, so decode never all-gathers a layer per token;
-    the batch and KV cache are split over (data, fsdp).
+  * sampling: no FSDP on weights, so decode never all-gathers a layer per token; tensor parallelism over the
+    axes of a `TensorPlan` (default: `tensor` for every kind; the loop's rollout copy plans it over
+    `mesh.sampling_tensor_axes`, `trainer/rollout_weights.py`), k/v split no finer than the model's KV heads. The
+    batch is split over (data, fsdp); the KV cache over the KV-head axes and, on its rows, the batch axes left.
 The vision tower (~0.7B parameters, run once per image) gets FSDP on its matrices and tensor parallelism on its
 MLP only: its fused qkv would otherwise be cut across the q/k/v boundary.
 
@@ -26,7 +28,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from balcap_jax.parallel.mesh import BATCH_AXES, FSDP, TENSOR
-from balcap_jax.parallel.sharding import RuleShardingMixin
+from balcap_jax.parallel.sharding import RuleShardingMixin, TensorPlan, spec_entry
 
 _LAYER = r"model\.language_model\.layers\."  # the decoder layer stack
 _BLOCK = r"model\.visual\.blocks\."  # the vision block stack
@@ -45,8 +47,10 @@ class QwenSharding(RuleShardingMixin):
     # decoder
     embed: P  # embed_tokens.embedding [V, D]
     lm_head: P  # lm_head.kernel [D, V]
-    attn_in: P  # q/k/v_proj.kernel [D, H*Dh]
-    attn_in_bias: P  # q/k/v_proj.bias [H*Dh]
+    attn_in: P  # q_proj.kernel [D, H*Dh]
+    attn_in_bias: P  # q_proj.bias [H*Dh]
+    kv_in: P  # k/v_proj.kernel [D, H_kv*Dh]
+    kv_in_bias: P  # k/v_proj.bias [H_kv*Dh]
     attn_out: P  # o_proj.kernel [H*Dh, D]
     mlp_in: P  # gate/up_proj.kernel [D, F]
     mlp_in_bias: P  # gate/up_proj.bias [F]
@@ -54,6 +58,9 @@ class QwenSharding(RuleShardingMixin):
     # vision tower
     vision_patch: P  # patch_embed.proj.kernel [C, T, p, p, Dv]
     vision_in: P  # attn.qkv.kernel [Dv, 3Dv], attn.proj.kernel [Dv, Dv], merger mlp kernels
+    vision_mlp_in: P  # blocks' gate/up_proj.kernel [Dv, Fv]
+    vision_mlp_in_bias: P  # blocks' gate/up_proj.bias [Fv]
+    vision_mlp_out: P  # blocks' down_proj.kernel [Fv, Dv]
     # activations
     batch: P  # leading batch dim of ids / masks / hidden states
     kv_cache: P  # KVCache.k / .v [L, B, S, H_kv, Dh]
@@ -66,31 +73,45 @@ class QwenSharding(RuleShardingMixin):
             lm_head=P(FSDP, TENSOR),
             attn_in=P(FSDP, TENSOR),
             attn_in_bias=P(TENSOR),
+            kv_in=P(FSDP, TENSOR),
+            kv_in_bias=P(TENSOR),
             attn_out=P(TENSOR, FSDP),
             mlp_in=P(FSDP, TENSOR),
             mlp_in_bias=P(TENSOR),
             mlp_out=P(TENSOR, FSDP),
             vision_patch=P(None, None, None, None, FSDP),
             vision_in=P(FSDP, None),
+            vision_mlp_in=P(FSDP, TENSOR),
+            vision_mlp_in_bias=P(TENSOR),
+            vision_mlp_out=P(TENSOR, FSDP),
             batch=P(BATCH_AXES),
             kv_cache=P(None, BATCH_AXES, None, TENSOR, None),
         )
 
     @classmethod
-    def sampling(cls) -> "QwenSharding":
+    def sampling(cls, plan: TensorPlan | None = None) -> "QwenSharding":
+        """No FSDP on weights; the decoder's tensor parallelism as `plan` says (default: every kind over
+        `tensor`). The vision tower (run once per prompt batch) is replicated but for its MLP over `tensor`."""
+        plan = plan or TensorPlan.uniform((TENSOR,))
+        heads, kv, mlp, vocab = (spec_entry(a) for a in (plan.heads, plan.kv_heads, plan.mlp, plan.vocab))
         return cls(
-            embed=P(TENSOR, None),
-            lm_head=P(None, TENSOR),
-            attn_in=P(None, TENSOR),
-            attn_in_bias=P(TENSOR),
-            attn_out=P(TENSOR, None),
-            mlp_in=P(None, TENSOR),
-            mlp_in_bias=P(TENSOR),
-            mlp_out=P(TENSOR, None),
+            embed=P(vocab, None),
+            lm_head=P(None, vocab),
+            attn_in=P(None, heads),
+            attn_in_bias=P(heads),
+            kv_in=P(None, kv),
+            kv_in_bias=P(kv),
+            attn_out=P(heads, None),
+            mlp_in=P(None, mlp),
+            mlp_in_bias=P(mlp),
+            mlp_out=P(mlp, None),
             vision_patch=P(),
             vision_in=P(),
+            vision_mlp_in=P(None, TENSOR),
+            vision_mlp_in_bias=P(TENSOR),
+            vision_mlp_out=P(TENSOR, None),
             batch=P(BATCH_AXES),
-            kv_cache=P(None, BATCH_AXES, None, TENSOR, None),
+            kv_cache=P(None, spec_entry(plan.rows_axes(BATCH_AXES)), None, kv, None),
         )
 
     @classmethod
@@ -104,16 +125,18 @@ class QwenSharding(RuleShardingMixin):
         return [
             (r"model\.language_model\.embed_tokens\.embedding", self.embed),
             (r"lm_head\.kernel", self.lm_head),
-            (_LAYER + r"self_attn\.[qkv]_proj\.kernel", with_layer_axis(self.attn_in)),
-            (_LAYER + r"self_attn\.[qkv]_proj\.bias", with_layer_axis(self.attn_in_bias)),
+            (_LAYER + r"self_attn\.q_proj\.kernel", with_layer_axis(self.attn_in)),
+            (_LAYER + r"self_attn\.q_proj\.bias", with_layer_axis(self.attn_in_bias)),
+            (_LAYER + r"self_attn\.[kv]_proj\.kernel", with_layer_axis(self.kv_in)),
+            (_LAYER + r"self_attn\.[kv]_proj\.bias", with_layer_axis(self.kv_in_bias)),
             (_LAYER + r"self_attn\.o_proj\.kernel", with_layer_axis(self.attn_out)),
             (_LAYER + r"mlp\.(gate|up)_proj\.kernel", with_layer_axis(self.mlp_in)),
             (_LAYER + r"mlp\.(gate|up)_proj\.bias", with_layer_axis(self.mlp_in_bias)),
             (_LAYER + r"mlp\.down_proj\.kernel", with_layer_axis(self.mlp_out)),
             (r"model\.visual\.patch_embed\.proj\.kernel", self.vision_patch),
-            (_BLOCK + r"mlp\.(gate|up)_proj\.kernel", with_layer_axis(self.mlp_in)),
-            (_BLOCK + r"mlp\.(gate|up)_proj\.bias", with_layer_axis(self.mlp_in_bias)),
-            (_BLOCK + r"mlp\.down_proj\.kernel", with_layer_axis(self.mlp_out)),
+            (_BLOCK + r"mlp\.(gate|up)_proj\.kernel", with_layer_axis(self.vision_mlp_in)),
+            (_BLOCK + r"mlp\.(gate|up)_proj\.bias", with_layer_axis(self.vision_mlp_in_bias)),
+            (_BLOCK + r"mlp\.down_proj\.kernel", with_layer_axis(self.vision_mlp_out)),
             (_BLOCK + r"attn\.(qkv|proj)\.kernel", with_layer_axis(self.vision_in)),
             (r"model\.visual\.merger\.mlp\.\d+\.kernel", self.vision_in),
             (r".*(norm|norm1|norm2|ln_q|layernorm)\.scale", self.replicated),
