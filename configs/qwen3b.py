@@ -26,5 +26,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_pixels = 512 * 28 * 28  # <= 512 image tokens; 16 images fill the 32768-patch vision bucket
     c.data.prompt_buckets = (192, 320, 576)
     c.data.prompts_per_batch = 16  # x G = 8 -> 128 sequences per RL step
-    c.optim.lr = 2e-6  # the smaller model tolerates a larger step (METHOD.md: 1e-6 .. 1e-5)
+    c.optim.lr = 2e-6  # the smaller model tolerates a larger step (docs/METHOD.md: 1e-6 .. 1e-5)
     return c

@@ -7,7 +7,7 @@ Set the weights directory and the judge servers (validation names each one that 
       --config.rewards.judge.llm_url=http://judge:8000/v1 --config.rewards.judge.llm_model=Qwen2.5-72B-Instruct \
       --config.rewards.judge.vlm_url=http://judge:8001/v1 --config.rewards.judge.vlm_model=Qwen2.5-VL-72B-Instruct
 
-Regime (METHOD.md): G = 8 samples per image at temperature 1, lr 1e-6, bf16 compute with fp32 master weights
+Regime (docs/METHOD.md): G = 8 samples per image at temperature 1, lr 1e-6, bf16 compute with fp32 master weights
 and fp32 AdamW moments (a 1e-6 step is below bf16's resolution for weights of magnitude ~1e-2, so bf16 master
 weights would not move), per-layer rematerialisation, FSDP over every device. Per-device memory of this
 update step (AOT-compiled, no weights): experiments/results/memory.md (python experiments/memory_table.py).

@@ -1,6 +1,6 @@
 """CapRL QA utility: can a text-only LLM answer the image's multiple-choice questions from the caption alone?
 
-Optional fourth component and the CapRL baseline (METHOD.md). Per caption: `num_draws` questions drawn with
+Optional fourth component and the CapRL baseline (docs/METHOD.md). Per caption: `num_draws` questions drawn with
 replacement from the image's question set, each with its options shuffled and a "cannot answer from the caption"
 option appended; r = mean credit (1 correct, `cannot_answer_credit` for choosing "cannot answer", 0 wrong).
 Draws depend only on (seed, image_id), so the G captions of a group face the same questions.

@@ -1,8 +1,8 @@
-"""Linguistic quality: clarity, fluency and coherence rated by a text judge (METHOD.md, component 3).
+"""Linguistic quality: clarity, fluency and coherence rated by a text judge (docs/METHOD.md, component 3).
 
 r_L = (mean of the three scores - scale_min) / (scale_max - scale_min), in [0, 1]. The judge never sees the
 image: this component rewards writing, not content. An empty caption scores 0 (there is no writing to credit);
-a judge failure scores NaN. Length gating (METHOD.md, length-conditional masking) happens downstream in rl/.
+a judge failure scores NaN. Length gating (docs/METHOD.md, length-conditional masking) happens downstream in rl/.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Precision: utility-aware correctness of a caption's atomic claims (METHOD.md, component 1).
+"""Precision: utility-aware correctness of a caption's atomic claims (docs/METHOD.md, component 1).
 
 caption --LLM--> atomic claims (instance ids such as dog_0) --VLM + image--> per claim: correct? pointable?
 r_P = #(correct and pointable) / #claims. A caption with no claims (empty, a refusal) scores 0; a judge failure

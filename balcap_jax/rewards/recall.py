@@ -1,4 +1,4 @@
-"""Recall: how many of the reference's atomic claims a caption covers (METHOD.md, component 2).
+"""Recall: how many of the reference's atomic claims a caption covers (docs/METHOD.md, component 2).
 
 The reference caption(s) of an image are decomposed once (an in-memory single-flight cache per image, backed by
 the judge's on-disk response cache across runs): the G captions of a group share one decomposition call.

@@ -4,7 +4,7 @@ Every function here is pure `jnp`, jit-able and free of Python loops over sample
 
   rewards:  float[P, G, K]  P prompts, G sampled captions per prompt, K reward components.
                             NaN marks a component that could not be scored ("unscorable").
-  weights:  float[K]        component weights (α, β, γ, ... in METHOD.md).
+  weights:  float[K]        component weights (α, β, γ, ... in docs/METHOD.md).
   lengths:  int/float[P, G] generated caption lengths in tokens.
 
 NaN semantics (shared by every function, and equal to TRL 1.16 `GRPOTrainer` under the defaults):
@@ -40,7 +40,7 @@ PARTIAL_NAN_MODES = ("mean_present", "sum_present", "unscorable")
 # Index of the linguistic-quality component in the standard (precision, recall, linguistic) reward stack that
 # rewards/ builds; rl/ does not import rewards/, so the order is restated here and is an argument everywhere.
 LINGUISTIC_COMPONENT = 2
-# Default band for length-conditional masking: the paper's [0.5, 2.0] (METHOD.md, "What a detailed summary of the
+# Default band for length-conditional masking: the paper's [0.5, 2.0] (docs/METHOD.md, "What a detailed summary of the
 # paper adds"); configuration everywhere it is used, other bands are named ablations (experiments/ablations.py).
 DEFAULT_RATIO_MIN = 0.5
 DEFAULT_RATIO_MAX = 2.0
@@ -329,7 +329,7 @@ def linear_length_penalty(
 
     lengths: [P, G]. excess = lengths − target (tokens) or, with relative=True, ρ − 1 = lengths / target − 1
     (target is then the reference length). target: scalar L_target, [P] (per prompt) or [P, G].
-    Pass the result as `offset=` so it is subtracted from the score, as METHOD.md defines the baseline:
+    Pass the result as `offset=` so it is subtracted from the score, as docs/METHOD.md defines the baseline:
       * GRPO: s = Σ_k w_k r_k − coef · excess, then the group normalisation;
       * c-GDPO: s = Σ_k w_k z_k − coef · excess, then the batch normalisation. It is deliberately not a reward
         component: a group z-score would divide out coef and leave only the within-group length ranking.

@@ -1,5 +1,5 @@
 """ShapesWorld's linguistic judge as an LLM rater would answer: clarity, fluency and coherence, each an integer
-rating on 1-10, their mean mapped to [0, 1] (METHOD.md: "an LLM judge rates clarity, fluency and coherence; r_L is
+rating on 1-10, their mean mapped to [0, 1] (docs/METHOD.md: "an LLM judge rates clarity, fluency and coherence; r_L is
 their mean, scaled to [0, 1]").
 
 What each rating measures, from the grammar's sentence reports and the caption's claims:
