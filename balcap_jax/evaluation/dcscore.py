@@ -13,7 +13,7 @@ Per caption:
   1. the text judge decomposes it into primitive units, each tagged descriptive (directly visible) or not;
   2. the text judge matches each unit to the oracle fact stating the same information, or to none;
   3. the visual judge checks each unit against the image, with the human caption as extra evidence.
-  Steps 2 and 3 are asked `votes` times (docs/docs/METHOD.md: 3) and decided by majority.
+  Steps 2 and 3 are asked `votes` times (docs/METHOD.md: 3) and decided by majority.
 
 Metric (`sample_scores`, pure), per caption, on all units and again on descriptive units / descriptive facts:
   - duplicates share one credit: units matched to the same oracle fact form one group, and unmatched units with
