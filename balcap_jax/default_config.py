@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.hf_dir = ""  # local HF directory; empty -> random init from `c.model.tiny`
     c.model.dtype = "float32"  # activation dtype: float32 | bfloat16
     c.model.param_dtype = "float32"
+    c.model.attention = "reference"  # reference (einsum, HF rounding) | flash (TPU splash, GPU cuDNN; CPU: reference)
     c.model.tiny = ml_collections.ConfigDict(
         dict(
             hidden_size=64,
@@ -114,7 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.train = ml_collections.ConfigDict(
         dict(rl_steps=300, updates_per_batch=1, micro_batches=1, sft_steps=1800, sft_batch_size=16, sft_lr=3e-3,
-             compile_cache_dir="", overlap="none")  # cache '' = <workdir>/compile_cache; overlap: none | one_step_off
+             compile_cache_dir="", overlap="none",  # cache '' = <workdir>/compile_cache; overlap: none | one_step_off
+             init_from="")  # warm start (trainer/warm_start.py); relative to the package, e.g. assets/<stem>
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=250, keep=2, export_hf=True))
     c.metrics = ml_collections.ConfigDict(dict(log_every=50, sample_every=25, eval_every=0))

@@ -26,6 +26,7 @@ def real_scale(c: ml_collections.ConfigDict, *, release: str, name: str) -> ml_c
     c.model.hf_dir = ""  # REQUIRED: local HF directory of `release` (config.json + *.safetensors)
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
+    c.model.attention = "flash"  # TPU Pallas splash / GPU cuDNN; the reference einsum on CPU
     c.model.remat = True  # rematerialise each decoder layer / vision block in the backward pass
     del c.model["tiny"]  # weights come from hf_dir only: an empty hf_dir is a validation error
 

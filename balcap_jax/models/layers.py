@@ -6,7 +6,7 @@ Conventions (all functions are pure and jit-friendly):
   * masks are boolean, True = "may attend".
   * numerically sensitive reductions (RMSNorm variance, softmax) run in fp32 whatever the compute dtype.
   * in a reduced compute dtype (bf16) every op rounds where HF's torch modules round, so a bf16 model agrees
-    with HF's bf16 model, not only with fp32 (see `Linear`, `activation`, `attention_scores`). In fp32 these
+    with HF's bf16 model, not only with fp32 (see `Linear`, `activation`, `attention.attention_scores`). In fp32 these
     roundings are no-ops.
 """
 
@@ -234,52 +234,8 @@ def mrope_cos_sin(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Attention
+# KV cache and batch placement (attention itself lives in attention.py)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def attention_scores(equation: str, q: Array, k: Array, scale: float) -> Array:
-    """Scaled attention logits `einsum(equation, q, k) * scale`, returned in fp32 for the softmax.
-
-    Rounded where HF's eager attention rounds: `matmul(q, k^T)` to q's dtype, then the product with the
-    (fp32) scale again. In fp32 both roundings are no-ops.
-    """
-    logits = jnp.einsum(equation, q, k, preferred_element_type=jnp.float32).astype(q.dtype)
-    return (logits.astype(jnp.float32) * np.float32(scale)).astype(q.dtype).astype(jnp.float32)
-
-
-def causal_mask(query_slots: Array, key_valid: Array) -> Array:
-    """Mask for queries at cache slots `query_slots` int[B, T] over keys at slots 0..S-1.
-
-    key_valid: bool[B, S]. A query attends key slot s iff s <= its own slot and the key is valid.
-    Returns bool[B, T, S].
-    """
-    chex.assert_rank([query_slots, key_valid], [2, 2])
-    key_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
-    return (key_slots[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :]
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float | None = None) -> Array:
-    """Grouped-query softmax attention.
-
-    q [B, T, H, Dh], k/v [B, S, H_kv, Dh] with H a multiple of H_kv, mask bool[B, T, S] (or broadcastable,
-    e.g. [B, 1, T, S] is not accepted: keep it 3-D). Softmax in fp32 over logits rounded as HF rounds them
-    (`attention_scores`); fully masked rows (left padding) give a finite, meaningless output instead of NaN.
-    Returns [B, T, H, Dh] in q's dtype.
-    """
-    batch, q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-    chex.assert_rank(mask, 3)
-    groups = num_heads // num_kv_heads
-    scale = head_dim**-0.5 if scale is None else scale
-    q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    logits = attention_scores("btkgd,bskd->bkgts", q, k, scale)
-    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
-    return out.reshape(batch, q_len, num_heads, head_dim)
 
 
 def write_cache_layer(buffer: Array, layer: int, start: Array | int, new: Array) -> Array:

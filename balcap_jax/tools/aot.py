@@ -53,6 +53,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from balcap_jax.models import registry
+from balcap_jax.models.attention import with_attention
 from balcap_jax.parallel.mesh import BATCH_AXES
 from balcap_jax.rl import update as update_lib
 from balcap_jax.sampling.sampler import Sampler
@@ -184,6 +185,7 @@ def recipe_policy(config: Any, *, depth: tuple[int, int] | None = None, workdir:
     family, model_config = model_config_for(config)
     if depth is not None:
         model_config = with_depth(model_config, *depth)
+    model_config = with_attention(model_config, config.model.get("attention", "reference"))
     dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
     remat = config.model.get("remat", False)
     model = nnx.eval_shape(lambda: family.model_class(model_config, rngs=nnx.Rngs(0), dtype=dtype,

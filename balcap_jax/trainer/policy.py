@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from balcap_jax.models import registry
+from balcap_jax.models.attention import with_attention
 from balcap_jax.models.qwen2_5_vl import processor as qwen_processor
 from balcap_jax.models.qwen2_5_vl import config as qwen_ids
 from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
@@ -133,8 +134,9 @@ def build_policy(config: Any, *, corpus: Iterable[str] | None, seed: int, mesh: 
     model_cfg = config.model
     dtype, param_dtype = _dtype(model_cfg.dtype), _dtype(model_cfg.param_dtype)
     remat = model_cfg.get("remat", False)  # False/True or "none" | "full" | "save_dots" (models.remat)
+    attention = model_cfg.get("attention", "reference")  # models.attention.ATTENTION_IMPLS
     if model_cfg.hf_dir:
-        return _from_hf_dir(config, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh)
+        return _from_hf_dir(config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, mesh=mesh)
     if model_cfg.name != "qwen2_5_vl":
         raise ValueError(
             f"config.model.name={model_cfg.name!r} with an empty config.model.hf_dir: only 'qwen2_5_vl' can be "
@@ -149,14 +151,14 @@ def build_policy(config: Any, *, corpus: Iterable[str] | None, seed: int, mesh: 
     prompt = qwen_processor.caption_prompt(config.data.prompt, num_images=1)
     prompt_ids = np.asarray(tokenizer.encode(prompt, add_special_tokens=False))
     vocab = corpus_vocab(tokenizer, prompt_ids, corpus)
-    qwen_config = tiny_qwen_config(model_cfg.tiny, vocab=vocab)
+    qwen_config = with_attention(tiny_qwen_config(model_cfg.tiny, vocab=vocab), attention)
     family = registry.get("qwen2_5_vl")
     model = family.model_class(qwen_config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, remat=remat)
     eos = vocab.compact(tokenizer.convert_tokens_to_ids(IM_END))
     return Policy(family, qwen_config, model, tokenizer, image_config, vocab, eos_id=eos, pad_id=vocab.unk_id)
 
 
-def _from_hf_dir(config: Any, *, dtype, param_dtype, remat: bool | str, mesh: Any) -> Policy:
+def _from_hf_dir(config: Any, *, dtype, param_dtype, remat: bool | str, attention: str, mesh: Any) -> Policy:
     from transformers import AutoTokenizer
 
     from balcap_jax.models.hf_io import read_hf_config
@@ -171,9 +173,11 @@ def _from_hf_dir(config: Any, *, dtype, param_dtype, remat: bool | str, mesh: An
     if family.name != config.model.name:
         raise ValueError(f"config.model.name={config.model.name!r} but {directory} holds a {family.name!r} model")
     sharding = family.sharding("training") if mesh is not None else None
-    model = family.load(directory, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh, sharding=sharding)
+    # The attention kernel travels in the model config, which every family's loader accepts.
+    model_config = with_attention(family.config_from_hf(read_hf_config(directory)), attention)
+    model = family.load(directory, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh, sharding=sharding,
+                        config=model_config)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    model_config = family.config_from_hf(read_hf_config(directory))
     preprocessor = _read_json(os.path.join(directory, "preprocessor_config.json"))
     generation = _read_json(os.path.join(directory, "generation_config.json")) or {}
     if family.name == "llava":

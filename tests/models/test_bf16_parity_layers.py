@@ -17,7 +17,7 @@ from flax import nnx
 from transformers.activations import ACT2FN
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf_qwen
 
-from balcap_jax.models import layers
+from balcap_jax.models import attention, layers
 
 # XLA CPU options under which our programs round as written: no fp32 excess precision kept across fused bf16
 # ops, and no YNNPACK fusions (their fused exp differs from torch's, which moves bf16 softmax roundings).
@@ -124,7 +124,7 @@ def test_attention_scores_round_like_hf_eager(head_dim):
     k_t, k = _bf16_pair(rng, (2, 30, 3, head_dim))
     with torch.no_grad():  # HF eager: matmul(q, k^T) * scaling on [B, H, T, Dh]
         expected = torch.matmul(q_t.transpose(1, 2), k_t.transpose(1, 2).transpose(2, 3)) * head_dim**-0.5
-    got = torch_like_jit(lambda q, k: layers.attention_scores("bqhd,bkhd->bhqk", q, k, head_dim**-0.5))(q, k)
+    got = torch_like_jit(lambda q, k: attention.attention_scores("bqhd,bkhd->bhqk", q, k, head_dim**-0.5))(q, k)
     assert got.dtype == jnp.float32
     np.testing.assert_array_equal(_np(got), _np(expected))
 
@@ -135,8 +135,8 @@ def test_gqa_attention_with_padding_matches_hf_eager_in_bf16():
     (q_t, q), (k_t, k), (v_t, v) = (_bf16_pair(rng, (b, t, n, d)) for n in (h, h_kv, h_kv))
     valid = np.ones((b, t), bool)
     valid[1, :7] = False  # left padding
-    mask = layers.causal_mask(jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.asarray(valid))
-    got = torch_like_jit(layers.dot_product_attention)(q, k, v, mask)
+    mask = attention.causal_mask(jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.asarray(valid))
+    got = torch_like_jit(attention.dot_product_attention)(q, k, v, mask)
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.training = h // h_kv, False

@@ -11,7 +11,7 @@ from jax.extend import core as jex_core
 
 from balcap_jax.models.interface import KVCache
 from balcap_jax.models.layer_stack import layer_at, layer_stack_prefixes, leading, scan_layers, stacked
-from balcap_jax.models.layers import causal_mask
+from balcap_jax.models.attention import SegmentMask
 from balcap_jax.models.llava import config as llava_config
 from balcap_jax.models.llava import params as llava_params
 from balcap_jax.models.llava.sharding import LlavaSharding
@@ -71,8 +71,7 @@ def test_stacked_layers_are_initialised_independently_and_scan_like_a_loop(highe
 
     x = jax.random.normal(jax.random.key(1), (2, 5, 32))
     cos, sin = jnp.ones((2, 5, 8)), jnp.zeros((2, 5, 8))
-    slots = jnp.broadcast_to(jnp.arange(5), (2, 5))
-    mask = causal_mask(slots, jnp.ones((2, 5), bool))
+    mask = SegmentMask.from_padding(jnp.ones((2, 5), bool))
 
     @jax.jit
     def scanned(state):

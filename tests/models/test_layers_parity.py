@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf_qwen
 
-from balcap_jax.models import layers
+from balcap_jax.models import attention, layers
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
@@ -109,8 +109,8 @@ def test_gqa_attention_with_padding_matches_hf_eager():
     valid = np.ones((b, t), bool)
     valid[1, :3] = False  # left padding
     slots = np.broadcast_to(np.arange(t), (b, t))
-    mask = layers.causal_mask(jnp.asarray(slots), jnp.asarray(valid))
-    ours = np.asarray(layers.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask))
+    mask = attention.causal_mask(jnp.asarray(slots), jnp.asarray(valid))
+    ours = np.asarray(attention.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask))
     assert np.isfinite(ours).all()  # fully masked (padding) query rows stay finite
 
     module = torch.nn.Module()

@@ -189,7 +189,7 @@ def test_multi_layer_full_strategy_features_match(hf_model, ours, pixels, highes
 
 
 def test_decoder_layer_matches(hf_model, ours, highest_precision):
-    from balcap_jax.models.layers import causal_mask
+    from balcap_jax.models.attention import SegmentMask
 
     rng = np.random.default_rng(2)
     hidden = rng.normal(size=(2, 40, 64)).astype(np.float32)
@@ -204,7 +204,7 @@ def test_decoder_layer_matches(hf_model, ours, highest_precision):
     @nnx.jit
     def layer_forward(text, hidden, positions):
         cos, sin = text.rotary(positions)
-        allowed = causal_mask(positions, jnp.ones(positions.shape, bool))
+        allowed = SegmentMask.from_padding(jnp.ones(positions.shape, bool))
         return layer_at(text.layers, 0)(hidden, cos, sin, allowed)[0]
 
     got = layer_forward(ours.model.language_model, jnp.asarray(hidden), jnp.asarray(positions, jnp.int32))

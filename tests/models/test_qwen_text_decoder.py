@@ -8,7 +8,8 @@ import torch
 from flax import nnx
 
 from balcap_jax.models.interface import KVCache
-from balcap_jax.models.layers import causal_mask, mrope_cos_sin, rope_inv_freq
+from balcap_jax.models.attention import SegmentMask
+from balcap_jax.models.layers import mrope_cos_sin, rope_inv_freq
 from balcap_jax.models.qwen2_5_vl.text import DecoderConfig, DecoderLayer, TextModel
 from tests.models import qwen_fixtures as fx
 
@@ -116,9 +117,8 @@ def test_decoder_layer_matches_hf(hf_model, hf_state, decoder_config):
         jnp.asarray(positions), rope_inv_freq(decoder_config.head_dim, decoder_config.rope_theta),
         decoder_config.mrope_section,
     )
-    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     ours, _ = nnx.jit(lambda lyr, *a: lyr(*a))(
-        layer, jnp.asarray(x), our_cos, our_sin, causal_mask(slots, jnp.asarray(attention_mask))
+        layer, jnp.asarray(x), our_cos, our_sin, SegmentMask.from_padding(jnp.asarray(attention_mask))
     )
     np.testing.assert_allclose(np.asarray(ours)[attention_mask], expected[attention_mask], atol=1e-4)
 

@@ -22,7 +22,7 @@ from balcap_jax.rl import update as update_lib
 from balcap_jax.sampling.rollout import build_training_batch
 from balcap_jax.sampling.sampler import Sampler
 from balcap_jax.tools import aot
-from balcap_jax.tools.aot_targets import GIB, GPU_MODELS, INSTALL_HINT, compiler_installed, parse_target
+from balcap_jax.tools.aot_targets import GIB, GPU_MODELS, INSTALL_HINT, compiler_installed, parse_target, target_devices
 from balcap_jax.trainer import batches as batches_lib
 from balcap_jax.trainer import builders, placement
 from balcap_jax.trainer.data_sources import corpus_texts, prepare_data
@@ -163,6 +163,32 @@ def test_tool_compiles_the_default_recipe_for_a_gpu_topology(tmp_path):
     report = aot.run_target(small_default(tmp_path), parse_target("gpu:h100:1x2x8"), workdir=str(tmp_path))
     _check_compiled_report(report, chips=16, hosts_=2)
     assert all(p.flops is None for p in report.programs.values())  # XLA:GPU gives no cost analysis
+
+
+def _flash_programs(tmp_path, target: str, *, dtype: str):
+    """The small default recipe with `model.attention="flash"`, its update and prefill lowered for `target`."""
+    config = small_default(tmp_path)
+    config.model.attention = "flash"
+    config.model.dtype = dtype
+    recipe = aot.RecipePrograms.build(config, target_devices(parse_target(target)), workdir=str(tmp_path))
+    prefill, _ = recipe.compile_prefill()
+    return recipe.lower_update().compile().as_text(), prefill.as_text()
+
+
+@needs_tpu
+@pytest.mark.slow
+def test_flash_attention_compiles_to_the_pallas_kernel_for_tpu(tmp_path):
+    """`model.attention="flash"` on a TPU target: the update and the prefill run the Mosaic (Pallas splash) kernel."""
+    for text in _flash_programs(tmp_path, "tpu:v5p:2x2x1", dtype="float32"):
+        assert "tpu_custom_call" in text
+
+
+@needs_gpu
+@pytest.mark.slow
+def test_flash_attention_compiles_to_cudnn_for_gpu(tmp_path):
+    """`model.attention="flash"` with bf16 on an H100 target: the update and the prefill call cuDNN's fused attention."""
+    for text in _flash_programs(tmp_path, "gpu:h100:1x1x8", dtype="bfloat16"):
+        assert "__cudnn$fmha" in text
 
 
 # ---------------------------------------------------------------------------------------------------------------

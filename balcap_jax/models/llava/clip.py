@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from balcap_jax.models.layer_stack import leading, scan_layers, stacked
-from balcap_jax.models.layers import Linear, activation, attention_scores
+from balcap_jax.models.attention import attend
+from balcap_jax.models.layers import Linear, activation
 from balcap_jax.models.llava.config import CLIPVisionConfig
 from balcap_jax.models.remat import Remat
 
@@ -82,6 +83,7 @@ class CLIPAttention(nnx.Module):
     def __init__(self, config: CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
+        self.attention = config.attention
         width = config.hidden_size
         linear = lambda: Linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
@@ -90,11 +92,9 @@ class CLIPAttention(nnx.Module):
         n, s, _ = x.shape
         split = lambda t: t.reshape(n, s, self.num_heads, self.head_dim)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        # Scaled after the product, as HF does: scaling q first would round differently in bf16.
-        scores = attention_scores("nqhd,nkhd->nhqk", q, k, self.head_dim**-0.5)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, s, self.num_heads * self.head_dim)
-        return self.out_proj(out)
+        # Unmasked; the reference scales after the product, as HF does (scaling q first rounds differently).
+        out = attend(q, k, v, scale=self.head_dim**-0.5, impl=self.attention)
+        return self.out_proj(out.reshape(n, s, self.num_heads * self.head_dim))
 
 
 class CLIPMLP(nnx.Module):

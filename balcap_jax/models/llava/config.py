@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from balcap_jax.models.attention import check_attention_impl
 from balcap_jax.models.qwen2_5_vl.text import DecoderConfig
 
 FeatureSelect = Literal["default", "full"]
@@ -61,8 +62,10 @@ class CLIPVisionConfig:
     patch_size: int = 14
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+    attention: str = "reference"  # attention.ATTENTION_IMPLS: the einsum reference or the platform's fused kernel
 
     def __post_init__(self):
+        check_attention_impl(self.attention, field="CLIPVisionConfig.attention")
         _require_positive(
             "CLIPVisionConfig",
             hidden_size=self.hidden_size,
@@ -245,7 +248,9 @@ class LlavaConfig:
         t = self.text
         if t.qkv_bias != t.o_bias:
             raise ValueError("a Llama config.json has one attention_bias flag; qkv_bias and o_bias must agree")
+        # `attention` picks our kernel; it is no part of the checkpoint's description.
         vision = dataclasses.asdict(self.vision) | {"model_type": "clip_vision_model"}
+        vision.pop("attention")
         text = {
             "model_type": "llama",
             "vocab_size": t.vocab_size,

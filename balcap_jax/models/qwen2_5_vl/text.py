@@ -22,6 +22,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from balcap_jax.models.attention import (
+    DecodeMask,
+    SegmentMask,
+    attend,
+    check_attention_impl,
+    decode_attention,
+    resolve_impl,
+)
 from balcap_jax.models.interface import CacheSpec, KVCache
 from balcap_jax.models.layer_stack import layer_indices, scan_layers, stacked
 from balcap_jax.models.layers import (
@@ -30,9 +38,7 @@ from balcap_jax.models.layers import (
     SwiGLU,
     activation,
     apply_rotary,
-    causal_mask,
     constrain_batch,
-    dot_product_attention,
     mrope_cos_sin,
     rope_cos_sin,
     rope_inv_freq,
@@ -64,6 +70,7 @@ class DecoderConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
+    attention: str = "reference"  # attention.ATTENTION_IMPLS: the einsum reference or the platform's fused kernel
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -71,6 +78,7 @@ class DecoderConfig:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
         activation(self.hidden_act)  # raises a clear error for an unsupported hidden_act
+        check_attention_impl(self.attention, field="DecoderConfig.attention")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -148,32 +156,44 @@ class Attention(nnx.Module):
         self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **linear)
         self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **linear)
         self.head_dim = c.head_dim
+        self.attention = c.attention
 
     def __call__(
         self,
         x: Array,
         cos: Array,
         sin: Array,
-        mask: Array,
+        mask: SegmentMask | DecodeMask,
         cache_kv: tuple[Array, Array] | None = None,
         layer: Array | int = 0,
         write_slot: Array | int = 0,
     ) -> tuple[Array, tuple[Array, Array] | None]:
-        """x [B, T, D]; cos/sin [B, T, Dh]; mask bool[B, T, S] over keys (S = T without a cache, else the
-        cache length). With `cache_kv` = (k, v) [L, B, S, H_kv, Dh], this step's keys/values are written at
-        layer `layer` (int or int32[], the scan's layer index), slots [write_slot, write_slot + T), and
-        attention reads the whole cache layer. Returns ([B, T, D], updated cache_kv or None)."""
+        """x [B, T, D]; cos/sin [B, T, Dh]. With `cache_kv` = (k, v) [L, B, S, H_kv, Dh], this step's keys/values
+        are written at layer `layer` (int or int32[], the scan's layer index), slots [write_slot, write_slot + T).
+
+        A `SegmentMask` (training, prefill) attends over this step's own T keys with `config.attention`'s kernel;
+        a `DecodeMask` (one token, T = 1) attends over the cache's filled slots only (`decode_attention`).
+        Returns ([B, T, D], updated cache_kv or None)."""
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, -1, self.head_dim)
         k = self.k_proj(x).reshape(batch, length, -1, self.head_dim)
         v = self.v_proj(x).reshape(batch, length, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache_kv is not None:
-            cache_k = write_cache_layer(cache_kv[0], layer, write_slot, k)
-            cache_v = write_cache_layer(cache_kv[1], layer, write_slot, v)
-            k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
-            cache_kv = (cache_k, cache_v)
-        out = dot_product_attention(q, k, v, mask)
+            cache_kv = (write_cache_layer(cache_kv[0], layer, write_slot, k),
+                        write_cache_layer(cache_kv[1], layer, write_slot, v))  # fmt: skip
+        if isinstance(mask, DecodeMask):
+            if cache_kv is None:
+                raise ValueError("a DecodeMask attends over the KV cache; pass cache_kv")
+            exact = resolve_impl(self.attention, dtype=q.dtype) == "reference"  # the reference rounds as HF
+            out = decode_attention(q, cache_kv[0], cache_kv[1], mask.kv_valid, mask.length, layer=layer, exact=exact)
+        else:
+            # Prefill writes slots [0, T) of an empty cache: its keys are exactly this step's, so the cache is
+            # not read back.
+            out = attend(
+                q, k.astype(q.dtype), v.astype(q.dtype), q_segment_ids=mask.q_segment_ids,
+                kv_segment_ids=mask.kv_segment_ids, causal=mask.causal, impl=self.attention,
+            )  # fmt: skip
         return self.o_proj(out.reshape(batch, length, -1)), cache_kv
 
 
@@ -278,8 +298,7 @@ class TextModel(nnx.Module):
         batch, length, _ = embeds.shape
         chex.assert_shape(attention_mask, (batch, length))
         cos, sin = self.rotary(positions)
-        slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        mask = causal_mask(slots, attention_mask.astype(bool))
+        mask = SegmentMask.from_padding(attention_mask)
         hidden, _ = self._layers(embeds.astype(self.dtype), cos, sin, mask, None, 0)
         return hidden
 
@@ -295,8 +314,7 @@ class TextModel(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         valid = jnp.zeros((batch, cache.max_len), bool).at[:, :length].set(attention_mask)
         cos, sin = self.rotary(positions)
-        slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        mask = causal_mask(slots, valid)
+        mask = SegmentMask.from_padding(attention_mask)
         hidden, (k, v) = self._layers(embeds.astype(self.dtype), cos, sin, mask, (cache.k, cache.v), 0)
         return hidden, KVCache(k=k, v=v, valid=valid, index=jnp.asarray(length, jnp.int32))
 
@@ -308,6 +326,6 @@ class TextModel(nnx.Module):
         index = cache.index
         valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((batch, 1), bool), (0, index))
         cos, sin = self.rotary(positions[:, None])
-        mask = causal_mask(jnp.full((batch, 1), index, jnp.int32), valid)
+        mask = DecodeMask(kv_valid=valid, length=index + 1)
         hidden, (k, v) = self._layers(embeds[:, None].astype(self.dtype), cos, sin, mask, (cache.k, cache.v), index)
         return hidden[:, 0], KVCache(k=k, v=v, valid=valid, index=index + 1)

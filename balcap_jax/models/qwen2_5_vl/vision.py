@@ -35,7 +35,8 @@ import numpy as np
 from flax import nnx
 
 from balcap_jax.models.layer_stack import scan_layers, stacked
-from balcap_jax.models.layers import Linear, RMSNorm, SwiGLU, apply_rotary, attention_scores, gelu
+from balcap_jax.models.attention import attend, check_attention_impl, resolve_impl
+from balcap_jax.models.layers import Linear, RMSNorm, SwiGLU, apply_rotary, gelu
 from balcap_jax.models.remat import Remat
 
 Array = jax.Array
@@ -76,8 +77,10 @@ class VisionConfig:
     rope_theta: float = 10000.0
     tokens_per_second: int = 4
     rms_norm_eps: float = 1e-6
+    attention: str = "reference"  # attention.ATTENTION_IMPLS: the einsum reference or the platform's fused kernel
 
     def __post_init__(self):
+        check_attention_impl(self.attention, field="VisionConfig.attention")
         object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
         for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
                      "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size"):  # fmt: skip
@@ -149,23 +152,29 @@ class VisionConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def segment_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array) -> Array:
+def segment_attention(
+    q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array, *, impl: str = "reference"
+) -> Array:
     """Softmax attention where a query sees exactly the keys of its own segment (no causality).
 
-    q [..., Q, H, Dh], k/v [..., K, H, Dh], q_segment_ids int[..., Q], kv_segment_ids int[..., K].
-    Softmax in fp32 over logits rounded as HF rounds them (`layers.attention_scores`). Every query must share
-    a segment with at least one key (the tower guarantees it: each query's own position is always among the
-    keys). Returns [..., Q, H, Dh] in v's dtype.
+    q [..., Q, H, Dh], k/v [..., K, H, Dh], q_segment_ids int[..., Q], kv_segment_ids int[..., K]; the leading
+    axes are attention's batch. `impl` as in `attention.attend` (the reference rounds as HF rounds). Every query
+    must share a segment with at least one key (the tower guarantees it: each query's own position is always
+    among the keys). Returns [..., Q, H, Dh] in v's dtype.
     """
     chex.assert_equal_shape([k, v])
-    logits = attention_scores("...qhd,...khd->...hqk", q, k, q.shape[-1] ** -0.5)
-    same_segment = q_segment_ids[..., None, :, None] == kv_segment_ids[..., None, None, :]
-    logits = jnp.where(same_segment, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+    lead = q.shape[:-3]
+    flat = lambda x: x.reshape(-1, *x.shape[len(lead):])  # noqa: E731  leading axes -> one batch axis
+    out = attend(
+        flat(q), flat(k), flat(v), q_segment_ids=flat(q_segment_ids), kv_segment_ids=flat(kv_segment_ids),
+        impl=impl,
+    )
+    return out.reshape(q.shape)
 
 
-def local_segment_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, block_size: int) -> Array:
+def local_segment_attention(
+    q: Array, k: Array, v: Array, segment_ids: Array, *, block_size: int, impl: str = "reference"
+) -> Array:
     """`segment_attention` over one sequence whose segments are contiguous and at most `block_size` long.
 
     The sequence is cut into blocks of `block_size`; a query's segment then lies within its own block and the
@@ -195,26 +204,30 @@ def local_segment_attention(q: Array, k: Array, v: Array, segment_ids: Array, *,
         neighbourhood(v, 0),
         segment_ids.reshape(blocks, block_size),
         neighbourhood(segment_ids, -1),
+        impl=impl,
     )
     return out.reshape(n, heads, head_dim)
 
 
-def chunked_segment_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, query_chunk: int) -> Array:
+def chunked_segment_attention(
+    q: Array, k: Array, v: Array, segment_ids: Array, *, query_chunk: int, impl: str = "reference"
+) -> Array:
     """`segment_attention` over one whole sequence, `query_chunk` queries at a time.
 
     Peak memory holds H x query_chunk x N logits instead of H x N x N (the chunk body is rematerialised in the
-    backward pass). q/k/v [N, H, Dh], segment_ids int[N]; N must be a multiple of query_chunk.
+    backward pass). q/k/v [N, H, Dh], segment_ids int[N]; N must be a multiple of query_chunk. A fused kernel
+    (`impl` resolving to one) never holds the logits, so it takes the whole sequence at once.
     """
     n = q.shape[0]
-    if n <= query_chunk:
-        return segment_attention(q, k, v, segment_ids, segment_ids)
+    if n <= query_chunk or resolve_impl(impl, dtype=q.dtype) != "reference":
+        return segment_attention(q, k, v, segment_ids, segment_ids, impl=impl)
     if n % query_chunk:
         raise ValueError(f"sequence length {n} must be a multiple of the query chunk {query_chunk}")
 
     @jax.checkpoint
     def one_chunk(chunk: tuple[Array, Array]) -> Array:
         q_chunk, q_ids = chunk
-        return segment_attention(q_chunk, k, v, q_ids, segment_ids)
+        return segment_attention(q_chunk, k, v, q_ids, segment_ids, impl=impl)
 
     chunks = (q.reshape(n // query_chunk, query_chunk, *q.shape[1:]), segment_ids.reshape(-1, query_chunk))
     return jax.lax.map(one_chunk, chunks).reshape(q.shape)
@@ -230,23 +243,33 @@ def _largest_dividing_chunk(n: int, limit: int, granule: int) -> int:
     return n
 
 
-def window_attention(segment_ids: Array, *, block_size: int) -> Attend:
+def window_attention(segment_ids: Array, *, block_size: int, impl: str = "reference") -> Attend:
     """A windowed block's attention: `local_segment_attention` over segments at most `block_size` long."""
-    return lambda q, k, v: local_segment_attention(q, k, v, segment_ids, block_size=block_size)
+    return lambda q, k, v: local_segment_attention(q, k, v, segment_ids, block_size=block_size, impl=impl)
 
 
-def full_attention(segment_ids: Array, *, query_chunk: int) -> Attend:
+def full_attention(segment_ids: Array, *, query_chunk: int, impl: str = "reference") -> Attend:
     """A full-attention block's attention: each image frame attends to itself, `query_chunk` queries at a time."""
-    return lambda q, k, v: chunked_segment_attention(q, k, v, segment_ids, query_chunk=query_chunk)
+    return lambda q, k, v: chunked_segment_attention(q, k, v, segment_ids, query_chunk=query_chunk, impl=impl)
+
+
+def window_block_size(n: int, window_patches: int, impl: str, dtype) -> int:
+    """Queries per block of the windowed attention over n patches: one window for the reference; for a fused
+    kernel the largest multiple of `window_patches` up to 512 that divides n (kernel tiles are 128 long, and
+    the neighbourhood stays linear in n)."""
+    if resolve_impl(impl, dtype=dtype) == "reference":
+        return window_patches
+    return _largest_dividing_chunk(n, 512, granule=window_patches)
 
 
 def selected_attention(
-    is_full: Array, window_segment_ids: Array, full_segment_ids: Array, *, block_size: int, query_chunk: int
+    is_full: Array, window_segment_ids: Array, full_segment_ids: Array, *, block_size: int, query_chunk: int,
+    impl: str = "reference",
 ) -> Attend:
     """`full_attention` where bool[] `is_full` holds, else `window_attention`: one `lax.cond`, so a scan over
     blocks of both kinds compiles each kind once and runs only the chosen one (the projections stay outside)."""
-    window = window_attention(window_segment_ids, block_size=block_size)
-    full = full_attention(full_segment_ids, query_chunk=query_chunk)
+    window = window_attention(window_segment_ids, block_size=block_size, impl=impl)
+    full = full_attention(full_segment_ids, query_chunk=query_chunk, impl=impl)
     return lambda q, k, v: jax.lax.cond(is_full, full, window, q, k, v)
 
 
@@ -402,10 +425,13 @@ class VisionTower(nnx.Module):
             x.shape[0], self.full_attention_query_chunk, granule=self.config.window_patches
         )
 
+        impl = self.config.attention
+        block_size = window_block_size(x.shape[0], self.config.window_patches, impl, x.dtype)
+
         def step(block: VisionBlock, x: Array, is_full: Array) -> tuple[Array, None]:
             attend = selected_attention(
                 is_full, inputs["window_segment_ids"], inputs["full_segment_ids"],
-                block_size=self.config.window_patches, query_chunk=query_chunk,
+                block_size=block_size, query_chunk=query_chunk, impl=impl,
             )  # fmt: skip
             return block(x, cos, sin, attend), None
 
