@@ -69,7 +69,11 @@ def test_moments_follow_the_params_and_rollout_weights_drop_fsdp(tmp_path):
     for tree in (moments[0].mu, moments[0].nu):
         assert [leaf.sharding.spec for leaf in jax.tree.leaves(tree)] == param_specs
     rollout_specs = [leaf.sharding.spec for leaf in jax.tree.leaves(recipe.rollout_params)]
-    assert not any("fsdp" in str(spec) for spec in rollout_specs)  # decode never all-gathers a layer
+    # Decode never all-gathers a layer: no rollout weight is split over the FSDP axis (the sampling mesh's
+    # tensor-parallel axes are renamed "<axis>_tp", e.g. "fsdp_tp", and split whole heads / columns instead).
+    named = {name for spec in rollout_specs for entry in spec if entry
+             for name in (entry if isinstance(entry, tuple) else (entry,))}
+    assert "fsdp" not in named and named <= {"data_tp", "fsdp_tp", "tensor_tp", "tensor"}, named
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(recipe.train_state))
 
 
