@@ -27,9 +27,16 @@ and is reported separately. Then `--warmup` steps per side are discarded and the
 is reported. Memory: peak resident-set growth of the process during each side's steps (Linux VmHWM, reset
 before each step).
 
-Reproduce (the numbers in experiments/results/bench_rl_step.md):
-    python experiments/bench_rl_step.py
-The last line printed is `speedup_vs_trl=<float>` (TRL median seconds per step / ours).
+Model size: by default the text decoder has Qwen2.5-0.5B's widths (hidden 896, MLP 4864, 14 heads / 2 KV heads
+of 64) with 4 layers, about 60M non-embedding parameters next to the 136M of the (tied) 151,936-token embedding;
+both counts are printed and written to the results.
+
+Spread: the median and min-max of each side's measured steps, and the speed-up as the median (min-max) of the
+per-step ratios TRL seconds / our seconds (each pair ran back to back under the same load).
+
+Reproduce (the numbers in experiments/results/bench_rl_step.md), from the repository root:
+    python -m experiments.bench_rl_step
+The last line printed is `speedup_vs_trl=<float>` (median of the per-step ratios TRL seconds / ours).
 """
 
 from __future__ import annotations
@@ -41,7 +48,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -56,12 +62,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 import PIL.Image  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -88,10 +91,13 @@ from balcap_jax.trainer.rl_step import RLStep  # noqa: E402
 from balcap_jax.trainer.policy import Policy  # noqa: E402
 from balcap_jax import default_config  # noqa: E402
 from balcap_jax.metrics import PhaseTimer  # noqa: E402
+from balcap_jax.trainer import placement  # noqa: E402
+from experiments import common  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
+PeakRSS = common.PeakRSS
+loadavg = common.loadavg
 INSTRUCTION = "Describe the image in detail."
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 # (height, width) of the photographs fed to both processors, cycled over prompts: 112-224 px, several grids.
 IMAGE_SIZES = ((224, 224), (168, 224), (224, 168), (112, 224), (196, 196), (140, 224))
 QWEN_VOCAB = 151936
@@ -233,20 +239,27 @@ def our_model_from_hf(hf_model) -> tuple[Any, Qwen2_5_VLConfig]:
     return qwen_params.from_hf_tensors(abstract, tensors, mapping), config
 
 
+def parameter_counts(hf_model) -> dict[str, int]:
+    """Parameters of the torch model by part: the (tied) token embedding, the text decoder without it (the
+    "non-embedding" count of scaling papers), the vision tower."""
+    counts = {"embedding": 0, "text_non_embedding": 0, "vision": 0}
+    for name, param in hf_model.named_parameters():
+        part = "vision" if ".visual." in f".{name}" else "embedding" if "embed_tokens" in name else "text_non_embedding"
+        counts[part] += param.numel()
+    counts["non_embedding"] = counts["text_non_embedding"] + counts["vision"]
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Prompts: the same photographs and chat prompt on both sides
 
 
 def photographs(count: int) -> list[PIL.Image.Image]:
     """`count` RGB photographs from scikit-image's samples, resized to the sizes of IMAGE_SIZES in turn."""
-    import skimage.data
-
     images = []
-    for i in range(count):
-        array = np.asarray(getattr(skimage.data, PHOTOS[i % len(PHOTOS)])())
-        array = np.stack([array] * 3, -1) if array.ndim == 2 else array[..., :3]
+    for i, array in enumerate(common.photograph_arrays(count)):
         height, width = IMAGE_SIZES[i % len(IMAGE_SIZES)]
-        images.append(PIL.Image.fromarray(array.astype(np.uint8)).resize((width, height), PIL.Image.BICUBIC))
+        images.append(PIL.Image.fromarray(array).resize((width, height), PIL.Image.BICUBIC))
     return images
 
 
@@ -343,8 +356,9 @@ class OurStep:
                         pad_values={**DEFAULT_SEQUENCE_PAD_VALUES, "input_ids": policy.pad_id})  # fmt: skip
         timer = PhaseTimer()
         host_inputs = time.perf_counter() - start
-        result = self.rl_step({"train": state, "rng": key}, batch, timer)
-        jax.block_until_ready(result.state["train"])
+        with jax.set_mesh(self.rl_step.mesh):  # the loop runs its steps under the mesh context too
+            result = self.rl_step({"train": state, "rng": key}, batch, timer)
+            jax.block_until_ready(result.state["train"])
         phases = {"host_inputs": host_inputs}
         phases |= {k.removeprefix("phase/").removesuffix("_s"): v for k, v in timer.summary(prefix="phase").items()
                    if k != "phase/total_s"}
@@ -387,12 +401,16 @@ def build_our_step(model, config: Qwen2_5_VLConfig, tokenizer, image_config: Ima
                     eos_id=IM_END_ID, pad_id=ENDOFTEXT_ID)  # fmt: skip
     run_config = step_config(settings)
     mesh = builders.mesh(run_config, devices=jax.devices()[:1])
-    step = RLStep(policy, Sampler(graphdef, mesh=mesh), builders.rl_update_step(graphdef, run_config), manager,
-                  run_config, mesh, for_sampling=lambda p: p)
+    # As trainer/loop.py builds it: training layout, the rollout copy program, a sampler whose cache follows it.
+    params = jax.device_put(params, placement.param_shardings(policy.family, params, mesh, "training"))
+    for_sampling = placement.rollout_copy(run_config, policy, params, mesh)
+    sampler = Sampler(graphdef, mesh=mesh, cache_heads=for_sampling.cache_heads)
+    step = RLStep(policy, sampler, builders.rl_update_step(graphdef, run_config), manager, run_config, mesh,
+                  for_sampling)
     # Equal work on both sides: TRL samples exactly new_tokens tokens per rollout, so ours ignores EOS too.
     step.sampler_config = dataclasses.replace(step.sampler_config, eos_ids=())
     optimizer, _ = builders.rl_optimizer(run_config)
-    state = update_lib.TrainState.create(jax.device_put(params, NamedSharding(mesh, PartitionSpec())), optimizer)
+    state = update_lib.TrainState.create(params, optimizer)
     return OurStep(step, QwenCaptionProcessor(tokenizer, INSTRUCTION, image_config), settings), state
 
 
@@ -443,41 +461,6 @@ def trl_last_batch(trainer, rows: int) -> tuple[np.ndarray, np.ndarray]:
     names = [name for name, _ in REWARD_FUNCTIONS]
     rewards = np.stack([np.asarray(list(trainer._logs["rewards"][n])[-rows:]) for n in names], axis=-1)
     return rewards, np.asarray(list(trainer._logs["advantages"])[-rows:])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Memory
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-
-class PeakRSS:
-    """Peak resident-set growth (MiB) of this process between `start()` and `stop()` (or over a `with` block);
-    NaN where /proc/self/clear_refs is unavailable."""
-
-    growth_mib: float = float("nan")
-
-    def start(self) -> "PeakRSS":
-        self.growth_mib = float("nan")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            self._before = _status_kib("VmRSS")
-        except (OSError, AttributeError):
-            self._before = None
-        return self
-
-    def stop(self) -> float:
-        if self._before is not None:
-            self.growth_mib = (_status_kib("VmHWM") - self._before) / 1024
-        return self.growth_mib
-
-    def __enter__(self) -> "PeakRSS":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,13 +541,6 @@ def max_logit_gap(hf_model, our_model, config: Qwen2_5_VLConfig, processor, imag
     return float(np.max(np.abs(logits - hf_logits)))
 
 
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
@@ -572,7 +548,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     settings = StepSettings(args.prompts, args.group, args.new_tokens, args.lr)
-    size = ModelSize(hidden=args.hidden, intermediate=2 * args.hidden, layers=args.layers)
+    size = ModelSize(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+                     kv_heads=args.kv_heads)
     total_steps = args.warmup + args.steps
     load_start = loadavg()
 
@@ -586,6 +563,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hf_model = build_hf_model(size, args.seed)
     our_model, config = our_model_from_hf(hf_model)
     n_params = sum(p.numel() for p in hf_model.parameters())
+    counts = parameter_counts(hf_model)
+    print(f"parameters: {counts}")
     logit_gap = max_logit_gap(hf_model, our_model, config, processor, images[0])
     print(f"model: {n_params / 1e6:.2f}M parameters; step-0 max |logit gap| ours vs torch = {logit_gap:.2e}")
 
@@ -620,7 +599,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trl_median, ours_median = statistics.median(trl_times), statistics.median(ours_times)
     phase_names = list(record.ours_phases[0])
     return dict(
-        model=dict(family="qwen2_5_vl", parameters=int(n_params), size=dataclasses.asdict(size), vocab=QWEN_VOCAB,
+        model=dict(family="qwen2_5_vl", parameters=int(n_params), counts=counts, size=dataclasses.asdict(size), vocab=QWEN_VOCAB,
                    image_grids=sorted({tuple(int(x) for x in g) for g in _grids(examples, our_step)}),
                    step0_max_logit_gap=logit_gap),
         settings=dict(dataclasses.asdict(settings), rows=settings.prompts * settings.group, warmup=args.warmup,
@@ -640,7 +619,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   phase_medians={k: statistics.median(p[k] for p in record.ours_phases[measured]) for k in phase_names},
                   peak_rss_growth_mib=_nanmax(record.ours_peak_mib[measured]), reward_means=record.ours_reward_means),
         advantage_parity_max_abs=max(record.advantage_gap),
-        speedup_vs_trl=trl_median / ours_median,
+        spreads=dict(trl=common.Spread.of(trl_times).to_dict(), ours=common.Spread.of(ours_times).to_dict(),
+                     speedup=common.paired_ratios(trl_times, ours_times).to_dict()),
+        speedup_vs_trl=common.paired_ratios(trl_times, ours_times).median,
     )  # fmt: skip
 
 
@@ -653,15 +634,23 @@ def _grids(examples: Sequence[CaptionExample], step: OurStep) -> list[np.ndarray
     return [step.processor(ex)["image_grid_thw"][0] for ex in examples]
 
 
+def _fmt_spread(d: dict, digits: int = 3) -> str:
+    return common.Spread(d["median"], d["low"], d["high"], d["count"]).format(digits)
+
+
 def render_markdown(r: dict, command: str) -> str:
     s, m, trl, ours = r["settings"], r["machine"], r["trl"], r["ours"]
     phases = ", ".join(f"{k} {v:.3f}" for k, v in ours["phase_medians"].items())
     lines = [
         "# One full RL step: balcap_jax vs TRL `GRPOTrainer`",
         "",
-        f"Random Qwen2.5-VL, {r['model']['parameters'] / 1e6:.2f}M parameters (Qwen vocabulary {r['model']['vocab']}, "
-        f"tied embeddings, hidden {r['model']['size']['hidden']}, {r['model']['size']['layers']} text layers, "
-        f"{r['model']['size']['vision_depth']}-block vision tower), identical weights on both sides (step-0 max "
+        f"Random Qwen2.5-VL, {r['model']['parameters'] / 1e6:.2f}M parameters: "
+        f"**{r['model']['counts']['non_embedding'] / 1e6:.1f}M non-embedding** (text decoder "
+        f"{r['model']['counts']['text_non_embedding'] / 1e6:.1f}M, vision tower {r['model']['counts']['vision'] / 1e6:.1f}M)"
+        f" + {r['model']['counts']['embedding'] / 1e6:.1f}M tied embedding (Qwen vocabulary {r['model']['vocab']}); "
+        f"text hidden {r['model']['size']['hidden']}, MLP {r['model']['size']['intermediate']}, "
+        f"{r['model']['size']['heads']}/{r['model']['size']['kv_heads']} heads, {r['model']['size']['layers']} layers, "
+        f"{r['model']['size']['vision_depth']}-block vision tower of width {r['model']['size']['vision_hidden']}, identical weights on both sides (step-0 max "
         f"|logit gap| {r['model']['step0_max_logit_gap']:.1e}). Per step: {s['prompts']} prompts x G={s['group']} = "
         f"{s['rows']} rollouts of exactly {s['new_tokens']} tokens (checked on both sides), one photograph per prompt "
         f"(grids t,h,w: {[tuple(g) for g in r['model']['image_grids']]}), rewards {s['rewards']} (pure-Python "
@@ -672,18 +661,19 @@ def render_markdown(r: dict, command: str) -> str:
         f"load average {m['loadavg_start']} at start, {m['loadavg_end']} at end. Steps interleaved (TRL, ours, TRL, "
         f"...) in one process; {s['warmup']} warm-up steps per side discarded, median of {s['measured_steps']}.",
         "",
-        "| stack | median s / step | first step s | peak RSS growth / step | notes |",
+        "| stack | s / step, median (min-max) | first step s | peak RSS growth / step | notes |",
         "| --- | ---: | ---: | ---: | --- |",
         f"| TRL {r['versions']['trl']} `GRPOTrainer` (torch {r['versions']['torch']}, transformers "
-        f"{r['versions']['transformers']}) | {trl['median_s']:.3f} | {trl['first_step_s']:.3f} | "
+        f"{r['versions']['transformers']}) | {_fmt_spread(r['spreads']['trl'])} | {trl['first_step_s']:.3f} | "
         f"{trl['peak_rss_growth_mib']:.0f} MiB | HF `generate` (G copies of each prompt and image), eager "
         f"forward/backward, {trl['optimizer']} |",
-        f"| balcap_jax (jax {r['versions']['jax']}) | {ours['median_s']:.3f} | {ours['first_step_s']:.3f} (compile "
+        f"| balcap_jax (jax {r['versions']['jax']}, production `RLStep`) | {_fmt_spread(r['spreads']['ours'])} | {ours['first_step_s']:.3f} (compile "
         f"included; sampler: {ours['sampler_programs']} programs, {ours['sampler_compile_s']:.1f} s to compile) | "
         f"{ours['peak_rss_growth_mib']:.0f} MiB | "
         f"phase medians (s): {phases} |",
         "",
-        f"**speedup_vs_trl = {r['speedup_vs_trl']:.2f}x** (TRL median s/step / ours). Advantage parity: our c-GDPO on "
+        f"**speedup_vs_trl = {_fmt_spread(r['spreads']['speedup'], 2)}x** (per step: TRL s / our s; median, min-max). "
+        "Advantage parity: our c-GDPO on "
         f"TRL's own rewards differs from TRL's advantages by at most {r['advantage_parity_max_abs']:.1e}.",
         "",
         f"Per-step seconds, TRL: {[round(x, 3) for x in trl['seconds']]}; ours: "
@@ -711,23 +701,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--warmup", type=int, default=2, help="steps per side discarded before measuring")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per side (median reported)")
-    parser.add_argument("--hidden", type=int, default=64, help="text hidden size (head_dim = hidden / 4)")
-    parser.add_argument("--layers", type=int, default=2, help="text decoder layers")
+    parser.add_argument("--hidden", type=int, default=896, help="text hidden size (head_dim = hidden / heads)")
+    parser.add_argument("--intermediate", type=int, default=4864, help="text MLP width")
+    parser.add_argument("--layers", type=int, default=4, help="text decoder layers")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="text attention heads (default: head_dim 64 when --hidden is a multiple of 128, else 4)")
+    parser.add_argument("--kv-heads", type=int, default=2, help="text KV heads (must divide --heads)")
     parser.add_argument("--max-pixels", type=int, default=224 * 224)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--out-name", default="bench_rl_step")
     args = parser.parse_args(argv)
-    for name in ("prompts", "new_tokens", "steps", "hidden", "layers", "threads"):
+    if args.heads is None:
+        args.heads = args.hidden // 64 if args.hidden % 128 == 0 else 4
+    for name in ("prompts", "new_tokens", "steps", "hidden", "intermediate", "layers", "heads", "kv_heads", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.group < 2:
         raise SystemExit(f"--group={args.group} must be >= 2 (GRPO needs at least 2 rollouts per prompt)")
     if args.warmup < 0:
         raise SystemExit(f"--warmup={args.warmup} must be >= 0")
-    if args.hidden % 4 or (args.hidden // 4) % 2:
-        raise SystemExit(f"--hidden={args.hidden} must be a multiple of 8 (4 heads of even head_dim)")
+    if args.hidden % args.heads or (args.hidden // args.heads) % 2:
+        raise SystemExit(f"--hidden={args.hidden} must be a multiple of 2 * --heads={args.heads} (even head_dim)")
+    if args.heads % args.kv_heads:
+        raise SystemExit(f"--kv-heads={args.kv_heads} must divide --heads={args.heads}")
     return args
 
 
@@ -736,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python experiments/bench_rl_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = common.command_line("bench_rl_step", argv)
     (out_dir / f"{args.out_name}.json").write_text(json.dumps(result, indent=2))
     (out_dir / f"{args.out_name}.md").write_text(render_markdown(result, command.strip()))
     print(json.dumps({k: result[k] for k in ("trl", "ours", "advantage_parity_max_abs")}, indent=2, default=str))
