@@ -88,7 +88,8 @@ def main() -> None:
             headroom=args.headroom, echo=lambda s, n=name: print(f"[{n}] {s}", flush=True),
         )
         print(reports[name].table(), flush=True)
-    command = "python experiments/memory_table.py " + " ".join(sys.argv[1:])
+    xla_flags = os.environ.get("XLA_FLAGS", "")  # part of the command: e.g. the GPU compiler's GEMM backend
+    command = (f"XLA_FLAGS={xla_flags} " if xla_flags else "") + "python experiments/memory_table.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
     md, js = RESULTS / "memory.md", RESULTS / "memory.json"
     runs = json.loads(js.read_text())["runs"] if args.append and js.is_file() else []
