@@ -9,6 +9,7 @@ from flax import nnx
 from balcap_jax import default_config
 from balcap_jax.data import pipeline as pipeline_lib
 from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
+from balcap_jax.data.shapes_world_warm_start import WARM_START_KEY, sft_target
 from balcap_jax.sampling.rollout import build_training_batch
 from balcap_jax.trainer import batches
 from balcap_jax.trainer.data_sources import corpus_texts, prepare_data
@@ -45,14 +46,18 @@ def test_prompt_ids_are_in_the_policy_vocabulary_and_keep_image_slots(setup):
     np.testing.assert_array_equal(image_tokens, grid.prod(axis=1) // 4)
 
 
-def test_sft_batch_scores_exactly_the_reference_tokens_then_eos(setup):
+def test_sft_batch_scores_exactly_the_warm_start_target_tokens_then_eos(setup):
+    """Each row is fitted to its record's imperfect warm-start caption (the default world's captioner habits),
+    else to its first reference."""
     _, policy, batch = setup
     prompts = batches.prompt_inputs(policy, batch)
     sft = batches.sft_batch(policy, batch, prompts, max_new_tokens=96)
-    for row, refs in enumerate(batch["references"]):
+    targets = [sft_target(meta, refs) for meta, refs in zip(batch["metadata"], batch["references"])]
+    assert any(meta.get(WARM_START_KEY) for meta in batch["metadata"]), "the default world carries warm-start captions"
+    for row, target in enumerate(targets):
         ids = sft["completion_ids"][row][sft["completion_mask"][row]]
         assert ids[-1] == policy.eos_id
-        assert policy.decode(ids[:-1]) == refs[0].strip()
+        assert policy.decode(ids[:-1]) == target.strip()
     # completion positions continue the prompt's M-RoPE positions one by one
     prompt_len = prompts["input_ids"].shape[1]
     pos = sft["positions"][:, :, prompt_len:]
