@@ -70,7 +70,21 @@ def global_rows(x: np.ndarray, mesh: Mesh, *, batch_axis: int = 0, sharding: Nam
         return jax.device_put(x, sharding)
     shape = list(x.shape)
     shape[batch_axis] = x.shape[batch_axis] * jax.process_count()
+    if _addressed_rows(sharding, tuple(shape), batch_axis) != x.shape[batch_axis]:
+        # The layout does not split the rows by process (e.g. the sampling mesh's tensor-parallel rollout, whose
+        # devices all see every prompt): every process needs every row, so gather them first.
+        full = allgather(x, axis=batch_axis)
+        return jax.make_array_from_callback(tuple(shape), sharding, lambda index: full[index])
     return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+
+
+def _addressed_rows(sharding: NamedSharding, shape: tuple[int, ...], batch_axis: int) -> int:
+    """How many distinct rows (along `batch_axis`) this process's devices hold under `sharding`."""
+    rows: set[int] = set()
+    for device, index in sharding.devices_indices_map(shape).items():
+        if device.process_index == jax.process_index():
+            rows.update(range(*index[batch_axis].indices(shape[batch_axis])))
+    return len(rows)
 
 
 def replicated(x: Any, mesh: Mesh) -> Any:
@@ -128,7 +142,14 @@ def local_rows(x: jax.Array | np.ndarray, *, batch_axis: int = 0) -> np.ndarray:
     for shard in x.addressable_shards:
         start = shard.index[batch_axis].start or 0
         pieces.setdefault(start, np.asarray(shard.data))
-    return np.concatenate([pieces[k] for k in sorted(pieces)], axis=batch_axis)
+    rows = np.concatenate([pieces[k] for k in sorted(pieces)], axis=batch_axis)
+    total = x.shape[batch_axis]
+    if rows.shape[batch_axis] == total and jax.process_count() > 1:
+        # Rows replicated over the processes (a layout that does not split them by process): this process's
+        # block is its process-order share, as `global_rows` took it in.
+        share = total // jax.process_count()
+        rows = np.take(rows, np.arange(jax.process_index() * share, (jax.process_index() + 1) * share), axis=batch_axis)
+    return rows
 
 
 def host_value(x: Any) -> np.ndarray:

@@ -359,7 +359,13 @@ class Sampler:
     def decode(self, state: nnx.State, start: DecodeStart, config: SamplerConfig, key: Array) -> Rollout:
         """Stage 2; `start.cache` is donated (its buffers are invalid afterwards)."""
         if self.layout.mesh is not None:  # the caller's key may live on another mesh of the same devices
-            key = jax.device_put(key, NamedSharding(self.layout.mesh, PartitionSpec()))
+            replicated = NamedSharding(self.layout.mesh, PartitionSpec())
+            if isinstance(key, jax.Array) and not key.is_fully_addressable:  # a global key of another mesh
+                key = jax.jit(lambda k: k, out_shardings=replicated)(key)
+            elif hosts.is_multiprocess():  # a process-local key (every process makes the same one)
+                key = hosts.replicated(key, self.layout.mesh)
+            else:
+                key = jax.device_put(key, replicated)
         with self.mesh_context():
             rollout, _ = self._decode(
                 state,
