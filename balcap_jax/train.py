@@ -27,6 +27,7 @@ def main(argv) -> int:
 
     tfds.disable_progress_bar()
     from balcap_jax import config as config_lib
+    from balcap_jax.trainer import warm_start
     from balcap_jax.trainer.loop import run
 
     config = flags.FLAGS.config
@@ -38,7 +39,8 @@ def main(argv) -> int:
         return 2
     try:
         config_lib.validate(config)
-    except config_lib.ConfigError as e:
+        warm_start.check_config(config)  # train.init_from: the file, and that it fits this model
+    except (config_lib.ConfigError, ValueError) as e:
         print(f"invalid config: {e}", file=sys.stderr)
         return 2
     if distributed and not flags.FLAGS.workdir:
