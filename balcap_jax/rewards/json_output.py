@@ -49,6 +49,10 @@ _OPENERS = {"object": "{", "array": "[", "any": "{["}
 MAX_TEXT_CHARS = 50_000
 MAX_CANDIDATES = 64
 MAX_DECODE_ATTEMPTS = 256
+# A judge's JSON nests a few levels; a longer run of openers is skipped whole after one failed decode, since
+# re-trying from each opener inside it costs the run's depth every time (quadratic under a raised recursion limit).
+MAX_OPENER_RUN = 32
+_OPENER_RUN = re.compile(r"[\[{\s]*")
 
 
 def iter_json(text: str, kind: str = "any") -> Iterator[Any]:
@@ -74,7 +78,8 @@ def iter_json(text: str, kind: str = "any") -> Iterator[Any]:
             try:
                 value, end = decoder.raw_decode(chunk, start)
             except (json.JSONDecodeError, RecursionError):
-                index = start + 1
+                run = _OPENER_RUN.match(chunk, start).end() - start
+                index = start + (run if run > MAX_OPENER_RUN else 1)
                 continue
             if isinstance(value, (dict, list)):
                 yielded += 1

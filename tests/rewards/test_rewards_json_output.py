@@ -2,6 +2,7 @@
 adversarial (hypothesis) inputs that must fail cleanly and fast."""
 
 import json
+import sys
 import time
 
 import pytest
@@ -68,11 +69,24 @@ def test_extract_json_kinds():
 
 
 @pytest.mark.parametrize("text", ["{" * 100_000, '{"a": ' * 30_000, "[" * 100_000, '"' * 100_000 + "{}"])
-def test_pathological_inputs_are_bounded_in_time(text):
-    start = time.perf_counter()
-    with pytest.raises(JudgeOutputError):
-        parse_judge_json(text, SCORES)
-    assert time.perf_counter() - start < 1.0
+@pytest.mark.parametrize("recursion_limit", [None, 200_000])
+def test_pathological_inputs_are_bounded_in_time(text, recursion_limit):
+    # Other libraries in the process (hypothesis, torch) raise the recursion limit; the bound must hold then too.
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(recursion_limit or previous)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(JudgeOutputError):
+            parse_judge_json(text, SCORES)
+        assert time.perf_counter() - start < 1.0
+    finally:
+        sys.setrecursionlimit(previous)
+
+
+def test_a_long_run_of_openers_does_not_hide_the_json_after_it():
+    assert parse_judge_json("[" * 5000 + ' then {"clarity": 3, "fluency": 4, "coherence": 5}', SCORES) == {
+        "clarity": 3, "fluency": 4, "coherence": 5}
+    assert extract_json('[{"a": 1}') == {"a": 1}
 
 
 json_values = st.recursive(
