@@ -53,19 +53,20 @@ def test_rewards_tensor_matches_components_and_metrics_summarise_it():
 
 
 def test_submit_returns_at_once_and_overlaps_with_other_work():
-    judge = ScriptedJudge(RuleBasedResponder(), latency_s=0.5)
+    # Latencies are large next to scheduler noise, so the bounds hold on a loaded 2-core CI machine.
+    judge = ScriptedJudge(RuleBasedResponder(), latency_s=1.0)
     with RewardManager(three_components(judge)) as manager:
         start = time.perf_counter()
         future = manager.submit(make_groups(2, 2))
-        assert time.perf_counter() - start < 0.25 and not future.done()
-        busy_until = time.perf_counter() + 0.5  # "the accelerator samples the next batch"
+        assert time.perf_counter() - start < 0.5 and not future.done()
+        busy_until = time.perf_counter() + 1.0  # "the accelerator samples the next batch"
         while time.perf_counter() < busy_until:
             pass
-        batch = future.result(timeout=30)
+        batch = future.result(timeout=60)
         assert batch.rewards.shape == (2, 2, 3) and not np.isnan(batch.rewards).any()
-        # Precision makes two sequential 0.5 s calls per caption; all 18 calls still take ~1 s, not 9 s.
-        assert time.perf_counter() - start < 3.0
-        assert batch.metrics["precision"].latency_s >= 1.0 and batch.metrics["linguistic"].latency_s >= 0.5
+        # Precision makes two sequential 1 s calls per caption; all 18 calls still take ~2 s, not 18 s.
+        assert time.perf_counter() - start < 8.0
+        assert batch.metrics["precision"].latency_s >= 2.0 and batch.metrics["linguistic"].latency_s >= 1.0
 
 
 class OutOfRange:
