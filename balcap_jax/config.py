@@ -369,18 +369,6 @@ def _loss_rule(c: Any, env: Environment) -> list[str]:
     return problems
 
 
-def _loss_features_rule(c: Any, env: Environment) -> list[str]:
-    problems = []
-    micro = get_field(c, "train.micro_batches")
-    if get_field(c, "model.name") == "qwen2_5_vl" and isinstance(micro, int) and micro > 1:
-        problems.append(
-            f"config.train.micro_batches={micro}: Qwen2.5-VL batches carry one flat patch sequence for all their "
-            "images, which cannot be split into micro-batches yet; set train.micro_batches=1 and lower "
-            "data.prompts_per_batch (or add devices) to fit memory"
-        )
-    return problems
-
-
 def max_patches_per_image(max_pixels: int, patch_size: int = 14, merge_size: int = 2) -> int:
     """The most vision patches one image resized under `max_pixels` can have (Qwen2.5-VL smart resize rounds
     each side to a multiple of patch_size * merge_size, keeping the area <= max_pixels)."""
@@ -389,28 +377,49 @@ def max_patches_per_image(max_pixels: int, patch_size: int = 14, merge_size: int
 
 
 def _vision_bucket_rule(c: Any, env: Environment) -> list[str]:
-    """Every batch's images must fit the largest vision patch bucket (they are encoded as one flat sequence)."""
+    """Every block of rows' images (`models/image_shards.py`: one block per batch shard of the mesh the batch
+    runs on, times the update's micro-batches) must fit the largest vision patch bucket."""
     if get_field(c, "model.name") != "qwen2_5_vl":
         return []
+    from balcap_jax.models.image_shards import plan_row_shards
     from balcap_jax.models.qwen2_5_vl.vision_host import DEFAULT_PATCH_BUCKETS
+    from balcap_jax.parallel.mesh import DEFAULT_SAMPLING_TENSOR_AXES, MeshShape
 
+    try:
+        data, fsdp, _ = MeshShape(*(get_field(c, f"mesh.{a}") for a in ("data", "fsdp", "tensor"))).resolve(
+            env.device_count)
+    except ValueError:
+        return []  # _mesh_rule reports it
+    raw = get_field(c, "mesh.sampling_tensor_axes", None)
+    tensor_axes = DEFAULT_SAMPLING_TENSOR_AXES if raw is None else (raw,) if isinstance(raw, str) else tuple(raw)
+    rollout_shards = (1 if "data" in tensor_axes else data) * (1 if "fsdp" in tensor_axes else fsdp)
     per_image = max_patches_per_image(int(get_field(c, "data.max_pixels")))
     largest = DEFAULT_PATCH_BUCKETS[-1]
     prompts, group = int(get_field(c, "data.prompts_per_batch")), int(get_field(c, "sampling.group_size"))
+    micro = int(get_field(c, "train.micro_batches"))
     eval_batch = int(get_field(c, "eval.batch_size", 0) or 0) or prompts * group
-    batches = {"data.prompts_per_batch": prompts, "eval.batch_size": eval_batch}
+    # (field, prompts, rows per prompt, blocks over all processes)
+    batches = [("data.prompts_per_batch", prompts, 1, rollout_shards),
+               ("data.prompts_per_batch", prompts, group, data * fsdp * micro),
+               ("eval.batch_size", eval_batch, 1, rollout_shards)]
     if int(get_field(c, "train.sft_steps")) > 0:
-        batches["train.sft_batch_size"] = int(get_field(c, "train.sft_batch_size"))
+        batches.append(("train.sft_batch_size", int(get_field(c, "train.sft_batch_size")), 1, data * fsdp))
     problems = []
-    for name, images in batches.items():
+    for name, count, rows, blocks in batches:
+        try:
+            plan = plan_row_shards(count, rows, blocks)
+        except ValueError:
+            continue  # _mesh_rule reports batches that do not divide
+        images = max(shard.stop - shard.first for shard in plan)
         if images * per_image > largest:
             fit = max(largest // per_image, 1)
             problems.append(
-                f"config.{name}={images}: {images} images of up to {per_image} patches (data.max_pixels="
-                f"{get_field(c, 'data.max_pixels')}) can exceed the largest vision bucket of {largest} patches; "
-                f"use at most {fit} images per batch or lower data.max_pixels"
+                f"config.{name}={count}: {images} images of up to {per_image} patches (data.max_pixels="
+                f"{get_field(c, 'data.max_pixels')}) on one batch shard can exceed the largest vision bucket of "
+                f"{largest} patches; hold at most {fit} images per shard (more devices on the batch axes, fewer "
+                "per batch, or a smaller data.max_pixels)"
             )
-    return problems
+    return list(dict.fromkeys(problems))
 
 
 def _distributed_rule(c: Any, env: Environment) -> list[str]:
@@ -582,7 +591,6 @@ RULES: tuple[Rule, ...] = (
     _rewards_rule,
     _length_rule,
     _loss_rule,
-    _loss_features_rule,
     _vision_bucket_rule,
     _distributed_rule,
     _eval_rule,

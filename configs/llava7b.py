@@ -28,5 +28,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_pixels = 336 * 336
     c.data.prompt_buckets = (640,)  # 576 image tokens + the chat template
     c.data.prompts_per_batch = 16  # x G = 8 -> 128 sequences per RL step
-    c.train.micro_batches = 2  # 64 sequences per micro-batch (one image per row: pixels split with the batch)
+    c.train.micro_batches = 2  # 64 sequences per micro-batch, each with its whole blocks of rows and their crops
     return c

@@ -8,6 +8,8 @@ line, and each is a plain identity with one process, so single-host runs pay not
   global_rows(x, mesh, ...)   this process's rows (numpy) -> one global array sharded over the batch axes
   replicated(x, mesh)         the same host value on every process -> a replicated global array
   local_rows(x)               a batch-sharded global array -> this process's rows (numpy)
+  row_blocks(mesh, rows)      into how many blocks, one per batch shard, this process cuts its rows
+  global_blocks(tree, mesh)   this process's blocks (leading axis) of a pytree -> global arrays split like rows
   allgather(x)                numpy on each process -> their concatenation on every process (ragged allowed)
   allgather_objects(obj)      any JSON-able value of each process -> the list of all of them on every process
   barrier(name)               wait until every process reaches this point
@@ -26,6 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from balcap_jax.parallel.mesh import batch_size_divisor
 from balcap_jax.parallel.sharding import batch_sharding
 
 
@@ -76,6 +79,42 @@ def global_rows(x: np.ndarray, mesh: Mesh, *, batch_axis: int = 0, sharding: Nam
         full = allgather(x, axis=batch_axis)
         return jax.make_array_from_callback(tuple(shape), sharding, lambda index: full[index])
     return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+
+
+def row_blocks(mesh: Mesh | None, rows: int, *, micro_batches: int = 1) -> int:
+    """How many equal blocks of consecutive rows this process cuts its `rows` rows into so that each lies on one
+    batch shard of `mesh` (and, with `micro_batches`, in one micro-batch): the batch shards per process times
+    the micro-batches. Falls back to fewer blocks (down to one) when the rows do not divide; the arrays built
+    per block are then gathered or replicated where needed (`global_rows`)."""
+    shards = 1 if mesh is None else max(batch_size_divisor(mesh) // jax.process_count(), 1)
+    for blocks in (shards * micro_batches, micro_batches, 1):
+        if blocks and rows % blocks == 0:
+            return blocks
+    return 1
+
+
+def global_blocks(tree: Any, mesh: Mesh, *, sharding: Any = None) -> Any:
+    """A pytree whose leaves all lead with this process's blocks of rows (`row_blocks`) -> global arrays, the
+    block axis split over the batch axes like the rows (`sharding(ndim)`, default `batch_sharding`), or
+    replicated when the blocks do not divide over them (fewer blocks than shards: every device then works
+    through all of them, as a flat batch would)."""
+    sharding = sharding or (lambda ndim: batch_sharding(mesh, ndim))
+
+    def put(leaf):
+        leaf = np.asarray(leaf)
+        split = sharding(leaf.ndim)
+        if (leaf.shape[0] * jax.process_count()) % leading_shards(split):
+            split = NamedSharding(mesh, PartitionSpec())
+        return global_rows(leaf, mesh, batch_axis=0, sharding=split)
+
+    return jax.tree.map(put, tree)
+
+
+def leading_shards(sharding: NamedSharding) -> int:
+    """Into how many pieces `sharding` cuts an array's leading axis."""
+    entry = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
 
 
 def _addressed_rows(sharding: NamedSharding, shape: tuple[int, ...], batch_axis: int) -> int:

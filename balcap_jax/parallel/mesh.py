@@ -29,6 +29,7 @@ BATCH_AXES: tuple[str, str] = (DATA, FSDP)
 FILL = -1  # an axis size of -1 takes whatever the other axes leave of the device count
 # config.mesh fields that say how arrays use the axes, not how large they are (trainer/rollout_weights.py).
 LAYOUT_FIELDS: tuple[str, ...] = ("sampling_tensor_axes",)
+DEFAULT_SAMPLING_TENSOR_AXES: tuple[str, ...] = (FSDP, TENSOR)  # config.mesh.sampling_tensor_axes when unset
 
 _log = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from balcap_jax.models import image_shards
 from balcap_jax.rl.losses import LossConfig, LossDiagnostics, LossNormaliser, policy_loss
 from balcap_jax.rl.policy_logprobs import TRAINER_LOGPROBS, LogProbFn, num_scored_positions
 
@@ -172,20 +173,45 @@ def _batch_axis(key: str, leaf: Array) -> int:
     return 1 if key == "positions" and leaf.ndim == 3 else 0
 
 
-def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
-    """Give every leaf a leading micro-batch axis: [B, ...] -> [M, B / M, ...] (positions [3, B, T] ->
-    [M, 3, B / M, T]).
-
-    Micro-batch m takes rows m, m + M, m + 2M, ...: with the batch sharded in contiguous blocks over devices,
-    every device then holds an equal share of every micro-batch, so no step of the scan idles a device or moves
-    rows between them (the loss normaliser is global, so which rows go together does not change the result).
-    """
+def micro_batch_groups(batch: Batch, micro_batches: int) -> int:
+    """g of `split_micro_batches`: the rows form g groups of micro_batches equal runs, and micro-batch m takes run
+    m of every group. Rows one by one (g = B / M: micro-batch m takes rows m, m + M, ...) unless the batch's
+    images are laid out by block of rows (`models/image_shards.py`): then its K blocks are the runs (g = K / M),
+    so every micro-batch carries whole blocks and the images its rows read."""
     size = batch["input_ids"].shape[0]
     if size % micro_batches:
         raise ValueError(f"batch size {size} is not divisible by micro_batches={micro_batches}.")
+    vision = batch.get("vision")
+    if not image_shards.is_sharded(vision):
+        return size // micro_batches
+    blocks = vision[image_shards.IMAGES_PER_SHARD].shape[0]
+    if blocks % micro_batches or size % blocks:
+        raise ValueError(
+            f"the batch's images are laid out in {blocks} blocks of rows, which do not split into micro_batches="
+            f"{micro_batches} (or the {size} rows into the blocks); build them with micro_batches=M "
+            "(trainer.batches.vision_inputs)"
+        )
+    return blocks // micro_batches
+
+
+def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+    """Give every leaf a leading micro-batch axis: [B, ...] -> [M, B / M, ...] (positions [3, B, T] ->
+    [M, 3, B / M, T]; vision blocks [K, ...] -> [M, K / M, ...]).
+
+    The rows form g groups (`micro_batch_groups`) of M equal runs, and micro-batch m takes run m of every group:
+    rows m, m + M, ... (g = B / M), or whole blocks of rows with their images. With the batch sharded in
+    contiguous blocks over devices, every device then holds an equal share of every micro-batch, so no step of
+    the scan idles a device or moves rows between them (the loss normaliser is global, so which rows go
+    together does not change the result). `merge_micro_batches` puts rows back.
+    """
+    size = batch["input_ids"].shape[0]
+    groups = micro_batch_groups(batch, micro_batches)
+    blocks = image_shards.is_sharded(batch.get("vision"))
 
     def split(path, leaf):
         key = path[0].key if path and hasattr(path[0], "key") else ""
+        if key == "vision" and blocks:  # [K, ...] -> [g, M, ...] -> [M, g, ...]
+            return jnp.moveaxis(leaf.reshape(groups, micro_batches, *leaf.shape[1:]), 1, 0)
         axis = _batch_axis(key, leaf)
         if leaf.ndim <= axis or leaf.shape[axis] != size:
             raise ValueError(
@@ -193,10 +219,20 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
                 f"{axis}; micro-batching needs every leaf batched on axis 0 (positions [3, B, T] on axis 1). Pad "
                 "per-example inputs to [B, ...] or use micro_batches=1."
             )
-        shape = leaf.shape[:axis] + (size // micro_batches, micro_batches) + leaf.shape[axis + 1 :]
-        return jnp.moveaxis(leaf.reshape(shape), axis + 1, 0)
+        run = size // (groups * micro_batches)
+        shape = leaf.shape[:axis] + (groups, micro_batches, run) + leaf.shape[axis + 1 :]
+        moved = jnp.moveaxis(leaf.reshape(shape), axis + 1, 0)  # [M, ..., g, run, ...]
+        return moved.reshape(micro_batches, *leaf.shape[:axis], groups * run, *leaf.shape[axis + 1 :])
 
     return jax.tree_util.tree_map_with_path(split, batch)
+
+
+def merge_micro_batches(per_micro: Array, groups: int) -> Array:
+    """Inverse of `split_micro_batches` for a per-row result: [M, B / M, ...] -> [B, ...] in the batch's order."""
+    micro_batches, rows = per_micro.shape[:2]
+    run = rows // groups
+    blocks = per_micro.reshape(micro_batches, groups, run, *per_micro.shape[2:])
+    return jnp.moveaxis(blocks, 0, 1).reshape(micro_batches * rows, *per_micro.shape[2:])
 
 
 def _check_batch(batch: Batch, loss_config: LossConfig, old_logprobs: OldLogprobs) -> None:
@@ -363,10 +399,8 @@ def make_batch_logprobs(log_prob_fn: LogProbFn, *, micro_batches: int = 1) -> Ba
     def batch_logprobs(params: Any, batch: Batch) -> Array:
         if micro_batches == 1:
             return log_prob_fn(params, batch)[0]
-        size = batch["input_ids"].shape[0]
         per_micro = jax.lax.map(lambda micro: log_prob_fn(params, micro)[0], split_micro_batches(batch, micro_batches))
-        # Micro-batch m holds rows m, m + M, ...: [M, B / M, T_c] -> [B / M, M, T_c] puts row i·M + m at i·M + m.
-        return jnp.moveaxis(per_micro, 0, 1).reshape(size, per_micro.shape[-1])
+        return merge_micro_batches(per_micro, micro_batch_groups(batch, micro_batches))
 
     return jax.jit(batch_logprobs)
 

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from balcap_jax.models import image_shards
 from balcap_jax.models.interface import KVCache, SequenceInputs, next_text_positions
 from balcap_jax.parallel import hosts
 from balcap_jax.parallel.mesh import BATCH_AXES
@@ -318,8 +319,8 @@ class Sampler:
 
     def _place(self, prompts: SequenceInputs) -> SequenceInputs:
         """Puts prompt arrays on the mesh: batch-sharded when the prompt count divides, replicated otherwise.
-        Host (numpy) rows are this process's share of the batch (`parallel.hosts`); "vision" holds the whole
-        batch's images on every process."""
+        Host (numpy) rows are this process's share of the batch (`parallel.hosts`); "vision" laid out by block
+        of rows (`models/image_shards.py`) is split like the rows, flat vision is replicated."""
         if self.layout.mesh is None:
             return jax.tree.map(jnp.asarray, prompts)
         mesh = self.layout.mesh
@@ -334,7 +335,7 @@ class Sampler:
         def place(name: str, x: Any) -> Any:
             if isinstance(x, jax.Array) and not x.is_fully_addressable:
                 return x  # already a global array
-            if name == "vision" or not shard:
+            if not shard:
                 return hosts.replicated(np.asarray(x), mesh)
             batch_axis = 1 if name == "positions" and jnp.ndim(x) == 3 else 0
             sharding = self.layout.sharding(jnp.ndim(x), batch_axis)
@@ -342,7 +343,16 @@ class Sampler:
                 return hosts.global_rows(np.asarray(x), mesh, batch_axis=batch_axis, sharding=sharding)
             return jax.device_put(x, sharding)
 
-        return {name: jax.tree.map(lambda x, n=name: place(n, x), value) for name, value in prompts.items()}
+        out = {name: jax.tree.map(lambda x, n=name: place(n, x), value) for name, value in prompts.items()
+               if name != "vision"}
+        vision = prompts.get("vision")
+        if vision is None or _is_global(vision):
+            out["vision"] = vision
+        elif image_shards.is_sharded(vision) and shard:
+            out["vision"] = hosts.global_blocks(vision, mesh, sharding=self.layout.sharding)
+        else:
+            out["vision"] = hosts.replicated(jax.tree.map(np.asarray, vision), mesh)
+        return out
 
     # -- the two stages ---------------------------------------------------------------------------------------
     def mesh_context(self) -> Any:
@@ -383,3 +393,8 @@ class Sampler:
         """P prompts -> Rollout of P * G rows; deterministic given `key`."""
         start = self.prefill(state, self.prepare_prompts(prompts, config), config)
         return self.decode(state, start, config, key)
+
+
+def _is_global(tree: Any) -> bool:
+    """Whether every leaf is already a global array (placed by the caller on some mesh)."""
+    return all(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree))

@@ -48,12 +48,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from balcap_jax.models import registry
+from balcap_jax.models import image_shards, registry
 from balcap_jax.models.attention import with_attention
+from balcap_jax.parallel import hosts
 from balcap_jax.parallel.mesh import BATCH_AXES
 from balcap_jax.rl import update as update_lib
 from balcap_jax.sampling.sampler import Sampler
@@ -259,21 +261,40 @@ def _replicated(mesh: Mesh, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeS
     return _struct(shape, dtype, NamedSharding(mesh, P()))
 
 
-def vision_structs(policy: Policy, shapes: StepShapes, mesh: Mesh, *, rows: int, repeats: int) -> dict[str, Any]:
-    """The vision inputs of `rows` rows as `placement.place_batch` / `Sampler._place` put them.
-
-    Qwen: one flat patch sequence for the batch's P images (each encoded once, its tokens gathered `repeats`
-    times), padded to the patch bucket of P largest images, replicated. LLaVA: one CLIP crop per row, split
-    over the batch axes like the rows."""
+def vision_structs(policy: Policy, shapes: StepShapes, mesh: Mesh, *, repeats: int, micro_batches: int = 1,
+                   sharding: Any = None) -> dict[str, Any]:
+    """The vision inputs of the step's P prompts (each prompt's `repeats` rows) as `placement.place_vision` /
+    `Sampler._place` put them: one block of rows per batch shard of `mesh` x micro-batch (`hosts.row_blocks`),
+    each holding its prompts' images once, padded to the bucket of its largest images (Qwen) or its most crops
+    (LLaVA); blocks split over the batch axes (`sharding(ndim)`, default `_rows`), replicated when they do not
+    divide over them."""
+    rows = shapes.prompts * repeats
+    blocks = hosts.row_blocks(mesh, rows, micro_batches=micro_batches)
+    plan = image_shards.plan_row_shards(shapes.prompts, repeats, blocks)
+    images = max(shard.stop - shard.first for shard in plan)  # one image per prompt
+    runs = max(int(shard.rows.sum()) for shard in plan)
     vision = policy.model_config.vision
-    if policy.family.name != "qwen2_5_vl":
-        return {"pixel_values": _rows(mesh, (rows, vision.image_size, vision.image_size, 3), jnp.float32)}
-    from balcap_jax.models.qwen2_5_vl.vision_host import DEFAULT_PATCH_BUCKETS, choose_bucket, empty_vision_inputs
+    if policy.family.name == "qwen2_5_vl":
+        from balcap_jax.models.qwen2_5_vl.vision_host import DEFAULT_PATCH_BUCKETS, choose_bucket, empty_vision_inputs
 
-    padded = choose_bucket(shapes.prompts * shapes.patches_per_image, DEFAULT_PATCH_BUCKETS,
-                           multiple=vision.window_patches)
-    layout = empty_vision_inputs(vision, padded, repeats=repeats)  # host numpy: its shapes are the layout's
-    return {key: _replicated(mesh, value.shape, value.dtype) for key, value in layout.items()}
+        padded = choose_bucket(images * shapes.patches_per_image, DEFAULT_PATCH_BUCKETS,
+                               multiple=vision.window_patches)
+        max_repeats = max(int(shard.rows.max()) for shard in plan)
+        # Host numpy for one block: its shapes are every block's.
+        layout = {k: (v.shape, v.dtype) for k, v in empty_vision_inputs(vision, padded, repeats=max_repeats).items()}
+    else:
+        layout = {"pixel_values": ((images, vision.image_size, vision.image_size, 3), np.float32),
+                  "image_index": ((runs,), np.int32)}
+    layout[image_shards.IMAGES_PER_SHARD] = ((), np.int32)
+
+    def place(shape, dtype):
+        full = (blocks, *shape)
+        split = sharding(len(full)) if sharding is not None else _rows(mesh, full, dtype).sharding
+        if blocks % hosts.leading_shards(split):
+            return _replicated(mesh, full, dtype)
+        return _struct(full, dtype, split)
+
+    return {key: place(shape, dtype) for key, (shape, dtype) in layout.items()}
 
 
 def _positions(policy: Policy, rows: int, length: int, mesh: Mesh, *, sharded: bool) -> jax.ShapeDtypeStruct:
@@ -284,8 +305,9 @@ def _positions(policy: Policy, rows: int, length: int, mesh: Mesh, *, sharded: b
     return _rows(mesh, shape, jnp.int32, batch_dim=1 if mrope else 0)
 
 
-def update_batch_structs(policy: Policy, shapes: StepShapes, mesh: Mesh) -> dict[str, Any]:
-    """The update batch of `RLStep` (`build_training_batch` + advantages, placed by `placement.place_batch`)."""
+def update_batch_structs(policy: Policy, shapes: StepShapes, mesh: Mesh, micro_batches: int = 1) -> dict[str, Any]:
+    """The update batch of `RLStep` (`build_training_batch` + advantages, placed by `placement.place_batch`); its
+    images in blocks of the batch shards x `micro_batches` (`train.micro_batches`)."""
     n, t, tc = shapes.sequences, shapes.total_length, shapes.completion_length
     return {
         "input_ids": _rows(mesh, (n, t), jnp.int32),
@@ -294,7 +316,7 @@ def update_batch_structs(policy: Policy, shapes: StepShapes, mesh: Mesh) -> dict
         "completion_ids": _rows(mesh, (n, tc), jnp.int32),
         "completion_mask": _rows(mesh, (n, tc), bool),
         "old_logprobs": _rows(mesh, (n, tc), jnp.float32),
-        "vision": vision_structs(policy, shapes, mesh, rows=n, repeats=shapes.group_size),
+        "vision": vision_structs(policy, shapes, mesh, repeats=shapes.group_size, micro_batches=micro_batches),
         "advantages": _rows(mesh, (n,), jnp.float32),
     }
 
@@ -310,7 +332,8 @@ def prompt_structs(policy: Policy, shapes: StepShapes, mesh: Mesh, sampler: Samp
         "input_ids": place((p, t), jnp.int32),
         "attention_mask": place((p, t), bool),
         "positions": _positions(policy, p, t, mesh, sharded=sharded),
-        "vision": vision_structs(policy, shapes, mesh, rows=p, repeats=1),
+        "vision": vision_structs(policy, shapes, mesh, repeats=1, sharding=sampler.layout.sharding if sharded else
+                                 lambda ndim: NamedSharding(mesh, P())),
     }
 
 
@@ -553,7 +576,8 @@ class RecipePrograms:
         """`builders.rl_update_step` (the loop's `rl_update`) lowered on the train state and the update batch."""
         step = builders.rl_update_step(self.graphdef, self.config)
         with jax.set_mesh(self.mesh):
-            return step.lower(self.train_state, update_batch_structs(self.policy, self.shapes, self.mesh))
+            batch = update_batch_structs(self.policy, self.shapes, self.mesh, int(self.config.train.micro_batches))
+            return step.lower(self.train_state, batch)
 
     def lower_reshard(self) -> Any:
         """The loop's `for_sampling` (`placement.rollout_copy`): training params -> the rollout copy."""

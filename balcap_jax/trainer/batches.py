@@ -45,26 +45,37 @@ class PolicyPromptProcessor:
         return features
 
 
-def vision_inputs(policy: Policy, batch: Mapping[str, Any], repeats: int = 1) -> dict[str, np.ndarray]:
-    """The vision inputs for the batch's images, each image's tokens repeated `repeats` times consecutively
-    (see `families.py` for how each family does it)."""
-    return family_of(policy).vision_inputs(policy, batch, repeats)
+def vision_inputs(policy: Policy, batch: Mapping[str, Any], *, repeats: int = 1, mesh: Any = None,
+                  micro_batches: int = 1) -> dict[str, np.ndarray]:
+    """The vision inputs of this process's rows (each prompt's `repeats` copies, prompt-major), laid out in one
+    block per batch shard of `mesh` and micro-batch (`hosts.row_blocks`; one block without a mesh), so each
+    device encodes only its own rows' images (see `families.py` for how each family does it)."""
+    rows = len(batch["input_ids"]) * repeats
+    blocks = hosts.row_blocks(mesh, rows, micro_batches=micro_batches)
+    return family_of(policy).vision_inputs(policy, batch, repeats, blocks)
 
 
-def prompt_inputs(policy: Policy, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Pipeline batch -> prompt SequenceInputs (numpy): input_ids [P, T], attention_mask, positions ([3, P, T]
-    M-RoPE or [P, T]), vision."""
+def text_inputs(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Pipeline batch -> the text part of its prompt SequenceInputs (numpy): input_ids [P, T], attention_mask,
+    positions ([3, P, T] M-RoPE or [P, T])."""
     return {
         "input_ids": np.asarray(batch["input_ids"], np.int32),
         "attention_mask": np.asarray(batch["attention_mask"], bool),
         "positions": np.asarray(batch["positions"], np.int32),
-        "vision": vision_inputs(policy, batch),
     }
 
 
-def tile_vision_for(policy: Policy, batch: Mapping[str, Any]):
-    """`tile_vision` for `build_training_batch`: each image's vision inputs repeated G times (prompt-major)."""
-    return lambda _vision, group_size: vision_inputs(policy, batch, repeats=group_size)
+def prompt_inputs(policy: Policy, batch: Mapping[str, Any], mesh: Any = None) -> dict[str, Any]:
+    """Pipeline batch -> prompt SequenceInputs (numpy): `text_inputs` and vision (in blocks of `mesh`'s batch
+    shards: the mesh the prompts run on)."""
+    return {**text_inputs(batch), "vision": vision_inputs(policy, batch, mesh=mesh)}
+
+
+def tile_vision_for(policy: Policy, batch: Mapping[str, Any], mesh: Any = None, micro_batches: int = 1):
+    """`tile_vision` for `build_training_batch`: each prompt's images for its G rows (encoded once per block of
+    rows of `mesh`'s batch shards x `micro_batches`)."""
+    return lambda _vision, group_size: vision_inputs(policy, batch, repeats=group_size, mesh=mesh,
+                                                     micro_batches=micro_batches)
 
 
 def reference_completions(
@@ -92,13 +103,18 @@ def reference_completions(
     )
 
 
-def sft_batch(policy: Policy, batch: Mapping[str, Any], prompts: Mapping[str, Any], max_new_tokens: int) -> dict:
+def sft_batch(policy: Policy, batch: Mapping[str, Any], max_new_tokens: int, *, mesh: Any = None,
+              micro_batches: int = 1) -> dict:
     """Teacher-forcing batch on each row's warm-start target: its imperfect caption when the record carries one
-    (ShapesWorld with captioner habits), else its first reference caption."""
+    (ShapesWorld with captioner habits), else its first reference caption. Vision in blocks of `mesh`'s batch
+    shards x `micro_batches` (the update's)."""
+    prompts = text_inputs(batch)
     references = [sft_target(meta, refs) for meta, refs in zip(batch["metadata"], batch["references"])]
     rollout = reference_completions(policy, references, prompts, max_new_tokens)
-    out = build_training_batch(prompts, rollout, 1, tile_vision=tile_vision_for(policy, batch))
-    return {k: np.asarray(v) if not isinstance(v, dict) else v for k, v in out.items()}
+    out = {k: np.asarray(v) for k, v in build_training_batch(prompts, rollout, 1).items()}
+    if "pixel_values" in batch:
+        out["vision"] = vision_inputs(policy, batch, mesh=mesh, micro_batches=micro_batches)
+    return out
 
 
 def completion_texts(policy: Policy, rollout: Rollout) -> list[str]:
@@ -116,7 +132,8 @@ def completion_texts(policy: Policy, rollout: Rollout) -> list[str]:
 def greedy_captions(policy: Policy, sampler: Any, params: Any, batch: Mapping[str, Any], config: Any) -> list[str]:
     """Captions of a pipeline batch's prompts under the sampler config `config` (greedy for evaluation), this
     process's rows only: the one captioning path of training-time and standalone evaluation."""
-    rollout = local_rollout(sampler(params, prompt_inputs(policy, batch), config, jax.random.key(0)))
+    prompts = prompt_inputs(policy, batch, sampler.layout.mesh)
+    rollout = local_rollout(sampler(params, prompts, config, jax.random.key(0)))
     return completion_texts(policy, rollout)
 
 

@@ -1,10 +1,13 @@
 """What the training loop does differently per policy family: prompt processing, vision inputs, ids never to
 sample. Everything else in the loop (sampler, log-probs, update, judges) is family-agnostic.
 
-  Qwen2.5-VL: dynamic-resolution patches concatenated over the batch (`pixel_values` [N_patches, C·t·p·p] +
-              `image_grid_thw`), host-side window/rotary tables, M-RoPE positions [3, B, T]; the G rollouts of a
-              prompt share one encoding of its images (`prepare_vision_inputs(repeats=G, images_per_prompt=...)`).
-  LLaVA-1.5:  fixed-size CLIP crops [B, H, W, 3], 1-D positions; each of the G rows carries its image.
+  Qwen2.5-VL: dynamic-resolution patches (`pixel_values` [N_patches, C·t·p·p] + `image_grid_thw`), host-side
+              window/rotary tables, M-RoPE positions [3, B, T].
+  LLaVA-1.5:  fixed-size CLIP crops [B, H, W, 3], 1-D positions.
+
+Both lay a batch's images out by block of rows (`models/image_shards.py`): each block (a batch shard of the mesh,
+times the update's micro-batches) encodes the images of its own rows' prompts, once each, however many of its
+rows (the G rollouts of a prompt) read them. Every process builds only the blocks of its own rows.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ import numpy as np
 
 from balcap_jax.data.llava_inputs import LlavaCaptionProcessor
 from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
-from balcap_jax.models.qwen2_5_vl.vision_host import images_per_prompt_from_tokens, prepare_vision_inputs
+from balcap_jax.models import image_shards
+from balcap_jax.models.llava.processor import shard_sizes, sharded_vision_inputs
+from balcap_jax.models.qwen2_5_vl.vision_host import (
+    fullest_shard_patches,
+    images_per_prompt_from_tokens,
+    prepare_sharded_vision_inputs,
+)
+from balcap_jax.parallel import hosts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +46,16 @@ class QwenFamily:
             spatial_merge_size=int(c.vision.spatial_merge_size),
         )
 
-    def vision_inputs(self, policy: Any, batch: Mapping[str, Any], repeats: int) -> dict[str, np.ndarray]:
-        """The batch's images (all processes' when `host_data` gathered them, with their "images_per_prompt")."""
-        # Rows own consecutive images (collate order); a prompt's G copies must read all of its images in order.
-        images_per_prompt = batch.get("images_per_prompt")
-        if images_per_prompt is None:
-            images_per_prompt = self.images_per_prompt(policy, batch)
-        return prepare_vision_inputs(
-            np.asarray(batch["pixel_values"]), np.asarray(batch["image_grid_thw"]), policy.model_config.vision,
-            repeats=repeats, images_per_prompt=np.asarray(images_per_prompt),
+    def vision_inputs(self, policy: Any, batch: Mapping[str, Any], repeats: int, shards: int) -> dict[str, np.ndarray]:
+        """This process's rows' images in `shards` blocks of the batch's rows, each prompt's rows `repeats` copies
+        (prompt-major); the patch bucket is agreed over processes, so every process builds the same shapes."""
+        per_prompt = self.images_per_prompt(policy, batch)
+        plan = image_shards.plan_row_shards(len(per_prompt), repeats, shards)
+        vision, grid = policy.model_config.vision, np.asarray(batch["image_grid_thw"])
+        fullest = hosts.agree_max(fullest_shard_patches(grid, vision, plan=plan, images_per_prompt=per_prompt))
+        return prepare_sharded_vision_inputs(
+            np.asarray(batch["pixel_values"]), grid, vision, plan=plan, images_per_prompt=per_prompt,
+            min_patches=fullest,
         )
 
     def blocked_ids(self, policy: Any) -> tuple[int, ...]:
@@ -67,9 +78,16 @@ class LlavaFamily:
         del policy
         return np.ones((len(batch["pixel_values"]),), np.int64)  # one CLIP crop per row
 
-    def vision_inputs(self, policy: Any, batch: Mapping[str, Any], repeats: int) -> dict[str, np.ndarray]:
-        del policy
-        return {"pixel_values": np.repeat(np.asarray(batch["pixel_values"], np.float32), repeats, axis=0)}
+    def vision_inputs(self, policy: Any, batch: Mapping[str, Any], repeats: int, shards: int) -> dict[str, np.ndarray]:
+        """This process's rows' crops in `shards` blocks of rows, each distinct crop once per block (CLIP encodes
+        it once; its features fill the block's `repeats` rows of its prompt)."""
+        per_prompt = self.images_per_prompt(policy, batch)
+        plan = image_shards.plan_row_shards(len(per_prompt), repeats, shards)
+        images, runs = shard_sizes(plan, per_prompt, int(per_prompt.sum()))
+        return sharded_vision_inputs(
+            np.asarray(batch["pixel_values"]), plan=plan, images_per_prompt=per_prompt,
+            min_images=hosts.agree_max(images), min_runs=hosts.agree_max(runs),
+        )
 
     def blocked_ids(self, policy: Any) -> tuple[int, ...]:
         return (int(policy.model_config.image_token_id),)

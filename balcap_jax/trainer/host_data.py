@@ -7,15 +7,16 @@ With `loader_shards` fixed, the global batches are the same for any process coun
 device count), which is what makes a 2-process run reproduce a 1-process run step for step.
 
 What the processes must agree on is agreed here, collectively: the padded prompt length (the longest bucket any
-process chose), and — for the flat vision inputs that every device reads whole — the images themselves (gathered
-from all processes, in row order). Iterator states are gathered too, so process 0's checkpoint holds every
-stream's position and a restart on any process count that divides `loader_shards` resumes exactly.
+process chose). Images stay with their rows: each process lays out only its own rows' images, one block per
+batch shard (`trainer/families.py`, which agrees the blocks' padded sizes). Iterator states are gathered, so
+process 0's checkpoint holds every stream's position and a restart on any process count that divides
+`loader_shards` resumes exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,19 +60,16 @@ def concat_batches(batches: Sequence[Mapping[str, Any]], concat_keys: Sequence[s
 @dataclasses.dataclass
 class HostBatches:
     """Iterator of this process's rows of each global batch (see module doc). `next()` returns a collated batch
-    whose row-aligned fields hold this process's rows, padded to the length every process agreed on, and whose
-    `concat_keys` (the flat vision inputs) hold the images of the *whole* global batch, with "images_per_prompt"
-    (int[B_global], from `images_per_prompt` of each process's rows) saying which rows own them."""
+    of this process's rows, padded to the length every process agreed on; its `concat_keys` (Qwen's flat patch
+    arrays) hold those rows' images."""
 
     iterators: list[Any]
     concat_keys: tuple[str, ...]
     pad_values: Mapping[str, Any]
-    images_per_prompt: Callable[[Mapping[str, Any]], np.ndarray] | None = None  # local batch -> int[B_local]
 
     @classmethod
     def create(cls, source, processor, config: pipeline_lib.PipelineConfig, *, loader_shards: int,
-               global_batch_size: int, process_count: int, process_index: int,
-               images_per_prompt: Callable[[Mapping[str, Any]], np.ndarray] | None = None) -> "HostBatches":
+               global_batch_size: int, process_count: int, process_index: int) -> "HostBatches":
         if global_batch_size % loader_shards:
             raise ValueError(
                 f"a global batch of {global_batch_size} rows does not split into config.data.loader_shards="
@@ -82,7 +80,7 @@ class HostBatches:
             iter(pipeline_lib.make_dataset(source, processor, per_shard, shard_index=i, shard_count=loader_shards))
             for i in owned_shards(loader_shards, process_count, process_index)
         ]
-        return cls(iterators, tuple(config.concat_keys), config.pad_values, images_per_prompt)
+        return cls(iterators, tuple(config.concat_keys), config.pad_values)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -100,15 +98,7 @@ class HostBatches:
         if hosts.agree_max(int(exhausted)):
             return None
         local_length = max(int(p["input_ids"].shape[-1]) for p in parts)
-        batch = concat_batches(parts, self.concat_keys, self.pad_values, hosts.agree_max(local_length))
-        if hosts.is_multiprocess() and self.concat_keys:
-            # Which rows own which images must travel with them: the counts come from the local rows.
-            if self.images_per_prompt is not None:
-                batch["images_per_prompt"] = hosts.allgather(np.asarray(self.images_per_prompt(batch)))
-            for key in self.concat_keys:
-                if key in batch:
-                    batch[key] = hosts.allgather(batch[key])
-        return batch
+        return concat_batches(parts, self.concat_keys, self.pad_values, hosts.agree_max(local_length))
 
     def __next__(self) -> dict[str, Any]:
         batch = self.next_or_none()

@@ -172,8 +172,7 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
             shuffle=shuffle, num_epochs=num_epochs,
         )
         return HostBatches.create(source, processor, cfg, loader_shards=loader_shards, global_batch_size=global_batch,
-                                  process_count=process_count, process_index=process_index,
-                                  images_per_prompt=lambda b: family_of(policy).images_per_prompt(policy, b))
+                                  process_count=process_count, process_index=process_index)
 
     sft_iter = batches(train_source, int(config.train.sft_batch_size), seed)
     rl_iter = batches(train_source, P, seed + 1)
@@ -272,8 +271,7 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
             if in_sft:
                 with timer.phase("data"):
                     batch = next(sft_iter)
-                    prompts = batches_lib.prompt_inputs(policy, batch)
-                    train_batch = batches_lib.sft_batch(policy, batch, prompts, int(config.sampling.max_new_tokens))
+                    train_batch = batches_lib.sft_batch(policy, batch, int(config.sampling.max_new_tokens), mesh=mesh)
                 with timer.phase("update"):
                     train_state, metrics = sft_step(state["train"], placement.place_batch(train_batch, mesh))
                     state = {"train": train_state, "rng": state["rng"]}

@@ -2,8 +2,10 @@
 
 Weights: the policy family's training layout (FSDP + tensor parallel) for the update, its sampling layout (no
 FSDP, so decode never all-gathers a layer per token; tensor parallel over `mesh.sampling_tensor_axes`, bf16 in
-bf16 recipes: `rollout_copy`) for rollouts: one reshard per RL step instead of one all-gather per decoded token. Batches: rows split over the batch axes ("data", "fsdp"); the flat per-batch vision
-inputs (one patch sequence for all images) are replicated.
+bf16 recipes: `rollout_copy`) for rollouts: one reshard per RL step instead of one all-gather per decoded token.
+Batches: rows split over the batch axes ("data", "fsdp"), and images laid out by block of rows
+(`models/image_shards.py`) split the same way, so each device holds and encodes its own rows' images; flat
+vision inputs (one sequence for the whole batch, as tools and tests build them) are replicated.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from balcap_jax.models import image_shards
 from balcap_jax.parallel import hosts
 from balcap_jax.trainer import rollout_weights
 
@@ -27,16 +30,25 @@ def _batch_axis(key: str, value: Any) -> int:
 
 def place_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
     """Host batch -> global device arrays: the row-aligned fields hold this process's rows (all rows with one
-    process) and are sharded over the batch axes; "vision" (the whole batch's images on every process) is
-    replicated. Batch sizes are validated up front (config rules), so every row count divides the batch shards."""
+    process) and are sharded over the batch axes; so is "vision" laid out by block of rows (flat vision is
+    replicated). Batch sizes are validated up front (config rules), so every row count divides the batch shards."""
     out = {}
     for key, value in batch.items():
         if key == "vision":
-            out[key] = hosts.replicated(jax.tree.map(np.asarray, value), mesh)
+            out[key] = place_vision(value, mesh)
             continue
         value = np.asarray(value)
         out[key] = hosts.global_rows(value, mesh, batch_axis=_batch_axis(key, value))
     return out
+
+
+def place_vision(vision: Any, mesh: Mesh, sharding: Any = None) -> Any:
+    """Host vision inputs -> global arrays: blocks of rows (`image_shards.is_sharded`) split like the rows
+    (`hosts.global_blocks`, `sharding(ndim)` for another layout's batch axes), flat inputs replicated (then every
+    process must hold the same ones)."""
+    if image_shards.is_sharded(vision):
+        return hosts.global_blocks(vision, mesh, sharding=sharding)
+    return hosts.replicated(jax.tree.map(np.asarray, vision), mesh)
 
 
 def param_shardings(family: Any, params: Any, mesh: Mesh, layout: str) -> Any:

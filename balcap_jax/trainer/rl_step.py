@@ -201,7 +201,7 @@ class RLStep:
         """Rollouts of `batch` under state's weights (policy `version`), submitted to the judges at once, and
         the training batch with the behaviour log-probs. Returns (the sampled batch, state with its rng advanced)."""
         policy, scfg = self.policy, self.sampler_config
-        prompts = batches_lib.prompt_inputs(policy, batch)
+        prompts = batches_lib.prompt_inputs(policy, batch, self.sampler.layout.mesh)
         rng, key = jax.random.split(state["rng"])
         params = self.for_sampling(state["train"].params)
         start = time.perf_counter()
@@ -223,7 +223,8 @@ class RLStep:
         restored iterator: rebuilt exactly and resubmitted to the judges (its judging never reached the save)."""
         rows = {k: hosts.local_rows(arrays[k]) for k in _PENDING_ROW_FIELDS}
         rollout = Rollout(**rows, decode_steps=np.asarray(hosts.host_value(arrays["decode_steps"]), np.int32))
-        prepared = self.sampler.prepare_prompts(batches_lib.prompt_inputs(self.policy, batch), self.sampler_config)
+        prompts = batches_lib.prompt_inputs(self.policy, batch, self.sampler.layout.mesh)
+        prepared = self.sampler.prepare_prompts(prompts, self.sampler_config)
         sampled = self._submit(batch, prepared, rollout, version, math.nan)  # sampled before the restart: unknown
         behaviour = hosts.local_rows(arrays["behaviour_logprobs"])[:, : sampled.columns]
         return dataclasses.replace(sampled, behaviour_logprobs=hosts.global_rows(behaviour, self.mesh))
@@ -236,7 +237,8 @@ class RLStep:
         if self.trim:  # every process must cut to the same width: the longest row over all of them
             columns = completion_bucket(hosts.agree_max(int(np.max(rollout.lengths))), rollout.max_new_tokens)
         train_batch = build_training_batch(prepared, trim_rollout(rollout, columns), self.group_size,
-                                           tile_vision=batches_lib.tile_vision_for(self.policy, batch))
+                                           tile_vision=batches_lib.tile_vision_for(
+                                               self.policy, batch, self.mesh, int(self.config.train.micro_batches)))
         train_batch = {k: (v if k == "vision" else np.asarray(v)) for k, v in train_batch.items()}
         return SampledBatch(batch=batch, rollout=rollout, captions=captions,
                             train_batch=placement.place_batch(train_batch, self.mesh), behaviour_logprobs=None,

@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from balcap_jax.parallel.mesh import FSDP, MESH_AXES, TENSOR, sampling_mesh, tp_axis
+from balcap_jax.parallel.mesh import DEFAULT_SAMPLING_TENSOR_AXES, MESH_AXES, sampling_mesh, tp_axis
 from balcap_jax.parallel.sharding import TensorPlan, dividing_axes, map_with_names
 
-DEFAULT_TENSOR_AXES: tuple[str, ...] = (FSDP, TENSOR)
+DEFAULT_TENSOR_AXES = DEFAULT_SAMPLING_TENSOR_AXES
 # Parameters the model casts to its compute dtype at use (Linear kernels, embeddings): stored in that dtype
 # they give bit-identical rollouts. Others (norm scales, biases) enter arithmetic in their own dtype.
 _CAST_SUFFIXES = (".kernel", ".embedding")

@@ -213,12 +213,10 @@ def test_model_names_agree_with_the_registry():
     assert sorted(registry.names()) == sorted(cfg.MODEL_NAMES)
 
 
-def test_qwen_micro_batching_is_rejected_with_the_fix():
+def test_qwen_micro_batching_is_accepted_now_that_images_travel_in_blocks_of_rows():
     config = recipe()
     config.train.micro_batches = 2
-    problems = problems_of(config)
-    assert any(p.startswith("config.train.micro_batches=2: Qwen2.5-VL batches carry one flat patch sequence")
-               and "set train.micro_batches=1" in p for p in problems), problems
+    assert not [p for p in problems_of(config) if "micro_batches" in p]
 
 
 def test_kl_to_a_reference_and_tis_are_accepted_and_tis_below_one_is_not():
@@ -238,9 +236,19 @@ def test_every_batch_of_images_must_fit_the_largest_vision_bucket():
     assert not [p for p in problems_of(config, device_count=8, check_paths=False) if "vision bucket" in p]
     config.eval.batch_size = 0  # default: P * G = 128 images of up to 2048 patches
     problems = problems_of(config, device_count=8, check_paths=False)
-    assert ("config.eval.batch_size=128: 128 images of up to 2048 patches (data.max_pixels=401408) can exceed the "
-            "largest vision bucket of 32768 patches; use at most 16 images per batch or lower data.max_pixels"
-            ) in problems, problems
+    # The rollouts' mesh is all tensor-parallel (mesh.sampling_tensor_axes): one block holds every prompt.
+    assert ("config.eval.batch_size=128: 128 images of up to 2048 patches (data.max_pixels=401408) on one batch "
+            "shard can exceed the largest vision bucket of 32768 patches; hold at most 16 images per shard (more "
+            "devices on the batch axes, fewer per batch, or a smaller data.max_pixels)") in problems, problems
+    config.mesh.sampling_tensor_axes = ("tensor",)  # rollouts split rows over fsdp=8: 16 images per block
+    assert not [p for p in problems_of(config, device_count=8, check_paths=False) if "vision bucket" in p]
+    config.data.max_pixels = 1024 * 28 * 28  # 4096 patches: 8 images fill the largest bucket
+    config.data.prompts_per_batch, config.eval.batch_size = 64, 64  # 8 prompts per block: fits
+    assert not [p for p in problems_of(config, device_count=8, check_paths=False) if "vision bucket" in p]
+    config.data.prompts_per_batch = 128
+    problems = problems_of(config, device_count=8, check_paths=False)
+    assert any(p.startswith("config.data.prompts_per_batch=128: 16 images of up to 4096 patches") for p in problems), \
+        problems
 
 
 def test_multi_process_fields_and_data_streams():

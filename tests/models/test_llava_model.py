@@ -8,25 +8,8 @@ import pytest
 from flax import nnx
 
 from balcap_jax.models.llava import config as llava_config
-from balcap_jax.models.llava.model import LlavaForCausalLM, scatter_image_features
+from balcap_jax.models.llava.model import LlavaForCausalLM
 
-IMG = 9
-
-
-def test_scatter_fills_placeholders_row_major_and_leaves_text_and_padding():
-    ids = np.array([[IMG, 1, IMG, IMG], [IMG, IMG, 2, IMG]])  # row 1 starts with padding that has the image id
-    mask = np.array([[True, True, True, True], [False, True, True, True]])
-    embeds = -np.ones((2, 4, 1), np.float32)
-    features = np.arange(1, 6, dtype=np.float32).reshape(5, 1, 1)  # 5 images of 1 token each
-    out = np.asarray(scatter_image_features(jnp.asarray(embeds), jnp.asarray(ids), jnp.asarray(mask), IMG,
-                                            jnp.asarray(features)))  # fmt: skip
-    np.testing.assert_array_equal(out[..., 0], [[1, -1, 2, 3], [-1, 4, -1, 5]])
-
-
-def test_scatter_rejects_a_feature_width_mismatch():
-    with pytest.raises(ValueError, match="width"):
-        scatter_image_features(jnp.zeros((1, 2, 4)), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool), IMG,
-                               jnp.zeros((1, 2, 3)))  # fmt: skip
 
 
 @pytest.fixture(scope="module")

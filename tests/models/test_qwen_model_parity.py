@@ -11,7 +11,7 @@ from flax import nnx
 from balcap_jax.models.interface import KVCache, next_text_positions
 from balcap_jax.models.qwen2_5_vl import params
 from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from balcap_jax.models.qwen2_5_vl.model import Qwen2_5_VL, make_inputs, scatter_image_embeddings
+from balcap_jax.models.qwen2_5_vl.model import Qwen2_5_VL, make_inputs
 from balcap_jax.tools import parity
 from tests.models import qwen_fixtures as fx
 
@@ -135,14 +135,6 @@ def test_precomputed_image_embeds_equal_running_the_tower():
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
     with pytest.raises(ValueError, match="both"):
         model.embed_inputs(dict(single, image_embeds=jnp.zeros((1, 64))))
-
-
-def test_scatter_image_embeddings_fills_in_reading_order():
-    embeds = jnp.zeros((2, 4, 1))
-    is_image = jnp.array([[False, True, True, False], [True, False, False, False]])
-    image_embeds = jnp.arange(1, 6, dtype=jnp.float32)[:, None]  # 3 real rows + 2 bucket-padding rows
-    out = scatter_image_embeddings(embeds, is_image, image_embeds)[..., 0]
-    np.testing.assert_array_equal(np.asarray(out), [[0, 1, 2, 0], [3, 0, 0, 0]])
 
 
 def test_make_inputs_rejects_mismatched_image_tokens(models):

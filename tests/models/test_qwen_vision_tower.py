@@ -16,6 +16,7 @@ from transformers import Qwen2_5_VLVisionConfig, Qwen2VLImageProcessorPil
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
+from balcap_jax.models.image_shards import RowShard
 from balcap_jax.models.layer_stack import layer_at
 from balcap_jax.models.qwen2_5_vl import processor, vision_host
 from balcap_jax.models.qwen2_5_vl.vision import (
@@ -271,9 +272,15 @@ def test_local_and_chunked_attention_equal_dense_segment_attention(highest_preci
     assert not np.allclose(perturbed[~other_segments], dense[~other_segments])
 
 
+def _one_row_per_image(images_per_shard):
+    """Blocks of rows holding one image each, `images_per_shard[k]` of them in block k."""
+    bounds = np.cumsum([0, *images_per_shard])
+    return [RowShard(int(a), int(b), np.ones(b - a, np.int64)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def test_sharded_inputs_encode_each_shard_like_its_own_batch(tower, pixels):
     """A leading shard axis (one bucket per data-parallel shard) is vmapped: shard s equals its images alone."""
-    sharded = vision_host.prepare_sharded_vision_inputs(pixels, GRID, tower.config, images_per_shard=[1, 2])
+    sharded = vision_host.prepare_sharded_vision_inputs(pixels, GRID, tower.config, plan=_one_row_per_image([1, 2]))
     out = run_tower(tower, sharded)
     assert out.shape == (2, 96, 40)  # 240 and 260 patches: both shards in the 384-patch bucket
     first = run_tower(tower, vision_host.prepare_vision_inputs(pixels[:240], GRID[:1], tower.config))
@@ -285,7 +292,7 @@ def test_sharded_inputs_encode_each_shard_like_its_own_batch(tower, pixels):
 
 def test_shard_axis_splits_over_a_data_mesh(tower, pixels):
     """With the shard axis on a 4-device 'data' mesh, each device encodes its own shard; results unchanged."""
-    sharded = vision_host.prepare_sharded_vision_inputs(pixels, GRID, tower.config, images_per_shard=[1, 1, 0, 1])
+    sharded = vision_host.prepare_sharded_vision_inputs(pixels, GRID, tower.config, plan=_one_row_per_image([1, 1, 0, 1]))
     expected = run_tower(tower, sharded)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
     on_mesh = jax.device_put(sharded, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))

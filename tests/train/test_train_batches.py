@@ -10,7 +10,9 @@ from balcap_jax import default_config
 from balcap_jax.data import pipeline as pipeline_lib
 from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
 from balcap_jax.data.shapes_world_warm_start import WARM_START_KEY, sft_target
-from balcap_jax.sampling.rollout import build_training_batch
+from balcap_jax.models.image_shards import IMAGES_PER_SHARD
+from balcap_jax.sampling.rollout import build_training_batch, tile_rows
+from balcap_jax.trainer.families import family_of
 from balcap_jax.trainer import batches
 from balcap_jax.trainer.data_sources import corpus_texts, prepare_data
 from balcap_jax.trainer.policy import build_policy
@@ -51,7 +53,7 @@ def test_sft_batch_scores_exactly_the_warm_start_target_tokens_then_eos(setup):
     else to its first reference."""
     _, policy, batch = setup
     prompts = batches.prompt_inputs(policy, batch)
-    sft = batches.sft_batch(policy, batch, prompts, max_new_tokens=96)
+    sft = batches.sft_batch(policy, batch, max_new_tokens=96)
     targets = [sft_target(meta, refs) for meta, refs in zip(batch["metadata"], batch["references"])]
     assert any(meta.get(WARM_START_KEY) for meta in batch["metadata"]), "the default world carries warm-start captions"
     for row, target in enumerate(targets):
@@ -69,8 +71,8 @@ def test_repeated_vision_inputs_equal_tiling_the_images(setup):
     model = policy.model
     once = batches.vision_inputs(policy, batch, repeats=1)
     tiled = batches.vision_inputs(policy, batch, repeats=3)
-    emb_once = np.asarray(model.model.visual(jax.tree.map(jnp.asarray, once)))
-    emb_tiled = np.asarray(model.model.visual(jax.tree.map(jnp.asarray, tiled)))
+    emb_once = np.asarray(model.model.visual(jax.tree.map(jnp.asarray, once)))[0]  # one block of rows
+    emb_tiled = np.asarray(model.model.visual(jax.tree.map(jnp.asarray, tiled)))[0]
     per_image = int(np.asarray(batch["image_grid_thw"])[0].prod()) // 4
     n_images = len(batch["references"])
     expected = np.repeat(emb_once[: n_images * per_image].reshape(n_images, per_image, -1), 3, axis=0)
@@ -105,3 +107,29 @@ def test_training_batch_from_a_rollout_lines_up_with_the_policy_log_probs(setup)
     direct = jnp.take_along_axis(full, targets[..., None], axis=-1)[..., 0][:, -40:]
     mask = np.asarray(train["completion_mask"])
     np.testing.assert_allclose(np.asarray(logprobs)[mask], np.asarray(direct)[mask], atol=1e-4)
+
+
+@pytest.mark.parametrize("blocks", [2, 3, 6])
+def test_images_in_blocks_of_rows_give_the_log_probs_of_one_block(setup, blocks):
+    """The update batch's images laid out per block of rows (2 prompts x G=3 rows: whole groups per block, a group
+    straddling two blocks, one row per block) score every token as the single-block layout does."""
+    _, policy, batch = setup
+    from balcap_jax.rl.policy_logprobs import make_log_prob_fn
+
+    group = 3
+    text = {k: np.asarray(tile_rows(jnp.asarray(v), group, axis=1 if k == "positions" else 0))
+            for k, v in batches.text_inputs(batch).items()}
+    references = [r[0] for r in batch["references"] for _ in range(group)]
+    rollout = batches.reference_completions(policy, references, text, 40)
+    train = build_training_batch(batches.text_inputs(batch), rollout, group)
+    family = family_of(policy)
+    graphdef, state = nnx.split(policy.model)
+    log_probs = jax.jit(make_log_prob_fn(graphdef))
+    scores = {}
+    for k in (1, blocks):
+        vision = family.vision_inputs(policy, batch, group, k)
+        assert vision["patches"].shape[0] == k and vision[IMAGES_PER_SHARD].sum() >= len(batch["references"])
+        with jax.default_matmul_precision("highest"):
+            scores[k] = np.asarray(log_probs(state, jax.tree.map(jnp.asarray, {**train, "vision": vision}))[0])
+    mask = np.asarray(train["completion_mask"])
+    np.testing.assert_allclose(scores[blocks][mask], scores[1][mask], atol=2e-5)

@@ -9,9 +9,14 @@ The module tree mirrors HF transformers 5.x `LlavaForConditionalGeneration`:
 
 Inputs (`SequenceInputs`): input_ids int32[B, T] with every image expanded to `config.image_seq_length`
 copies of `config.image_token_id`; attention_mask bool[B, T]; positions int32[B, T] (1-D RoPE; see
-`processor.padded_positions`); optional vision = {"pixel_values": float[N, H, W, 3]} with the N images in the
-row-major order of their placeholder tokens (HF's `masked_scatter` order). The host guarantees that the batch
-holds exactly N * image_seq_length image tokens (`processor.check_image_token_count`).
+`processor.padded_positions`); optional vision, one of:
+  {"pixel_values": float[N, H, W, 3]}: the N images in the row-major order of their placeholder tokens (HF's
+      `masked_scatter` order); the batch holds exactly N * image_seq_length image tokens
+      (`processor.check_image_token_count`);
+  laid out by batch shard (`models/image_shards.py`, `processor.sharded_vision_inputs`): "pixel_values"
+      float[K, n, H, W, 3] (each block's distinct images, zero-padded to n), "image_index" int32[K, m] (the image
+      of each of the block's m placeholder runs, in reading order) and "images_per_shard". CLIP then encodes each
+      distinct image once, however many rows (the G rollouts of a prompt) read it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from balcap_jax.models import layers
+from balcap_jax.models.image_shards import scatter_image_embeddings
 from balcap_jax.models.interface import CacheSpec, KVCache, SequenceInputs
 from balcap_jax.models.llava.clip import CLIPVisionTower
 from balcap_jax.models.llava.config import LlavaConfig
@@ -29,28 +35,6 @@ from balcap_jax.models.llava.projector import LlavaMultiModalProjector
 from balcap_jax.models.qwen2_5_vl.text import TextModel
 
 Array = jax.Array
-
-
-def scatter_image_features(
-    embeds: Array, input_ids: Array, attention_mask: Array, image_token_id: int, features: Array
-) -> Array:
-    """Put image features into the placeholder slots, in row-major order (HF's `masked_scatter`).
-
-    embeds [B, T, D]; input_ids int[B, T]; attention_mask bool[B, T]; features [N, P, D]. Placeholder k
-    (counting row-major over the real tokens of the batch) receives features.reshape(N * P, D)[k]; padding is
-    never a placeholder, whatever its id. Extra placeholders (a host-side bug) reuse the last feature row
-    instead of reading out of bounds; `processor.check_image_token_count` rejects such batches earlier.
-    """
-    chex.assert_rank([embeds, input_ids, attention_mask, features], [3, 2, 2, 3])
-    batch, length, width = embeds.shape
-    if features.shape[-1] != width:
-        raise ValueError(f"image features have width {features.shape[-1]}, text embeddings {width}")
-    flat_features = features.reshape(-1, width).astype(embeds.dtype)
-    is_image = ((input_ids == image_token_id) & attention_mask.astype(bool)).reshape(-1)
-    order = jnp.clip(jnp.cumsum(is_image) - 1, 0, flat_features.shape[0] - 1)
-    gathered = jnp.take(flat_features, order, axis=0)
-    out = jnp.where(is_image[:, None], gathered, embeds.reshape(-1, width))
-    return out.reshape(batch, length, width)
 
 
 class LlavaModel(nnx.Module):
@@ -82,12 +66,19 @@ class LlavaModel(nnx.Module):
         input_ids = inputs["input_ids"]
         embeds = self.language_model.embed(input_ids)
         vision = inputs.get("vision")
-        if vision is None or vision["pixel_values"].shape[0] == 0:
+        if vision is None or vision["pixel_values"].size == 0:
             return embeds
-        features = self.image_features(vision["pixel_values"])
-        return scatter_image_features(
-            embeds, input_ids, inputs["attention_mask"], self.config.image_token_id, features
-        )
+        is_image = (input_ids == self.config.image_token_id) & inputs["attention_mask"].astype(bool)
+        pixels = vision["pixel_values"]
+        if "image_index" not in vision:
+            features = self.image_features(pixels)  # [N, L, D]
+            return scatter_image_embeddings(embeds, is_image, features.reshape(-1, features.shape[-1]))
+        shards, per_shard = pixels.shape[:2]
+        # One CLIP batch over every block's images: its rows split over the batch axes like the blocks.
+        features = self.image_features(pixels.reshape(shards * per_shard, *pixels.shape[2:]))
+        features = features.reshape(shards, per_shard, *features.shape[1:])  # [K, n, L, D]
+        runs = jnp.take_along_axis(features, vision["image_index"][:, :, None, None], axis=1)  # [K, m, L, D]
+        return scatter_image_embeddings(embeds, is_image, runs.reshape(shards, -1, runs.shape[-1]))
 
 
 class LlavaForCausalLM(nnx.Module):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from balcap_jax.models.image_shards import IMAGES_PER_SHARD, RowShard
 from balcap_jax.models.llava.config import LlavaConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -287,3 +288,61 @@ def make_batch(
     if pixels is not None:
         inputs["vision"] = {"pixel_values": pixels}
     return inputs
+
+
+def _images_per_prompt(images_per_prompt: Sequence[int] | np.ndarray | None, num_images: int) -> np.ndarray:
+    counts = np.ones((num_images,), np.int64) if images_per_prompt is None else np.asarray(images_per_prompt, np.int64)
+    if counts.ndim != 1 or np.any(counts < 0) or int(counts.sum()) != num_images:
+        raise ValueError(
+            f"images_per_prompt={np.asarray(images_per_prompt).tolist()} must be non-negative and sum to the "
+            f"{num_images} images, one count per prompt in row order"
+        )
+    return counts
+
+
+def shard_sizes(plan: Sequence[RowShard], images_per_prompt: Sequence[int] | np.ndarray | None,
+                num_images: int) -> tuple[int, int]:
+    """(distinct images, image placeholder runs) of the fullest block of `plan`: the padded sizes every block
+    (and every process: agree them) uses in `sharded_vision_inputs`."""
+    counts = _images_per_prompt(images_per_prompt, num_images)
+    images = max((int(counts[s.first:s.stop].sum()) for s in plan), default=0)
+    runs = max((int((counts[s.first:s.stop] * s.rows).sum()) for s in plan), default=0)
+    return images, runs
+
+
+def sharded_vision_inputs(
+    pixel_values: np.ndarray,
+    *,
+    plan: Sequence[RowShard],
+    images_per_prompt: Sequence[int] | np.ndarray | None = None,
+    min_images: int = 0,
+    min_runs: int = 0,
+) -> dict[str, np.ndarray]:
+    """A batch's images laid out by block of rows (`models/image_shards.py`): block k of `plan` holds the crops
+    of its prompts once and, for each image placeholder run of its rows in reading order, which of them fills it.
+
+    pixel_values float[N, H, W, 3]: the batch's distinct images in prompt order (`images_per_prompt[p]` for prompt
+    p; None: one each). Returns "pixel_values" float32[K, n, H, W, 3] (zero crops pad each block to n images),
+    "image_index" int32[K, m] and `IMAGES_PER_SHARD` int32[K]; n and m are the fullest block's, or `min_images`
+    / `min_runs` when larger (the fullest over all processes).
+    """
+    pixels = np.asarray(pixel_values, np.float32)
+    if pixels.ndim != 4:
+        raise ValueError(f"pixel_values must be [N, H, W, 3] crops; got shape {pixels.shape}")
+    counts = _images_per_prompt(images_per_prompt, len(pixels))
+    images, runs = shard_sizes(plan, counts, len(pixels))
+    images, runs = max(images, int(min_images), 1), max(runs, int(min_runs), 1)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    out_pixels = np.zeros((len(plan), images, *pixels.shape[1:]), np.float32)
+    index = np.zeros((len(plan), runs), np.int32)
+    per_shard = np.zeros((len(plan),), np.int32)
+    for k, shard in enumerate(plan):
+        first = int(bounds[shard.first])
+        own = pixels[first: int(bounds[shard.stop])]
+        out_pixels[k, : len(own)] = own
+        per_shard[k] = len(own)
+        local = [np.tile(np.arange(bounds[p], bounds[p + 1]) - first, int(r))
+                 for p, r in zip(range(shard.first, shard.stop), shard.rows)]
+        order = np.concatenate([np.zeros((0,), np.int64), *local])
+        index[k, : order.size] = order
+    return {"pixel_values": out_pixels, "image_index": index, IMAGES_PER_SHARD: per_shard}

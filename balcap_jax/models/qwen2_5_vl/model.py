@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from balcap_jax.models.image_shards import scatter_image_embeddings
 from balcap_jax.models.interface import CacheSpec, KVCache, SequenceInputs
 from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from balcap_jax.models.qwen2_5_vl.rope_index import get_rope_index
@@ -25,19 +26,6 @@ from balcap_jax.models.qwen2_5_vl.vision import VisionTower
 from balcap_jax.models.qwen2_5_vl.vision_host import DEFAULT_PATCH_BUCKETS, prepare_vision_inputs
 
 Array = jax.Array
-
-
-def scatter_image_embeddings(embeds: Array, is_image: Array, image_embeds: Array) -> Array:
-    """Replace the image-placeholder rows of `embeds` by the image embeddings, in reading order.
-
-    embeds [B, T, D]; is_image bool[B, T]; image_embeds [M, D] (the tower's output: real tokens first, then
-    bucket padding). The k-th True of `is_image` (row-major) receives image_embeds[k] — HF's `masked_scatter`.
-    Callers guarantee #True <= M (checked on the host by `get_rope_index`).
-    """
-    chex.assert_rank([embeds, is_image, image_embeds], [3, 2, 2])
-    rank = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
-    gathered = image_embeds[jnp.clip(rank, 0, image_embeds.shape[0] - 1)].astype(embeds.dtype)
-    return jnp.where(is_image[..., None], gathered, embeds)
 
 
 class Qwen2_5_VLModel(nnx.Module):
@@ -74,15 +62,16 @@ class Qwen2_5_VL(nnx.Module):
         return self.config.text.cache_spec()
 
     def image_embeddings(self, vision: dict) -> Array:
-        """The vision tower on host-prepared inputs: [M, D] embeddings, real image tokens first."""
+        """The vision tower on host-prepared inputs: [M, D] embeddings, real image tokens first ([K, M, D] for
+        inputs laid out by batch shard, `models/image_shards.py`)."""
         return self.model.visual(vision)
 
     def embed_inputs(self, inputs: SequenceInputs) -> Array:
         """Token embeddings with image embeddings scattered into the `<|image_pad|>` slots. [B, T, D].
 
         Image embeddings come from `inputs["vision"]` (the tower runs here) or, when the caller already has
-        them, from `inputs["image_embeds"]` [M, D] (e.g. computed once per prompt and repeated for the G
-        samples of a group, in the reading order of the batch's image tokens).
+        them, from `inputs["image_embeds"]` [M, D] or [K, M, D] (e.g. computed once per prompt and repeated for
+        the G samples of a group, in the reading order of the batch's image tokens).
         """
         input_ids = inputs["input_ids"]
         embeds = self.model.language_model.embed(input_ids)

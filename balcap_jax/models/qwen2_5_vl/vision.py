@@ -36,6 +36,7 @@ from flax import nnx
 
 from balcap_jax.models.layer_stack import scan_layers, stacked
 from balcap_jax.models.attention import attend, check_attention_impl, resolve_impl
+from balcap_jax.models.image_shards import map_over_shards
 from balcap_jax.models.layers import Linear, RMSNorm, SwiGLU, apply_rotary, gelu
 from balcap_jax.models.remat import Remat
 
@@ -447,7 +448,7 @@ class VisionTower(nnx.Module):
     def __call__(self, inputs: VisionInputs) -> Array:
         inputs = {key: inputs[key] for key in VISION_INPUT_KEYS if key in inputs}
         if "patches" in inputs and inputs["patches"].ndim == 3:
-            return jax.vmap(self.embed_images)(inputs)
+            return map_over_shards(self.embed_images, inputs)
         return self.embed_images(inputs)
 
 

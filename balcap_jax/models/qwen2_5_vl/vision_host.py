@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from balcap_jax.models.image_shards import IMAGES_PER_SHARD, RowShard
+
 if TYPE_CHECKING:  # vision.py imports jax; the host side only reads the config's integers.
     from balcap_jax.models.qwen2_5_vl.vision import VisionConfig
 
@@ -201,20 +203,22 @@ def validate_images_per_prompt(images_per_prompt: Sequence[int] | np.ndarray | N
     return counts.astype(np.int64)
 
 
-def repeated_token_order(tokens_per_image: np.ndarray, images_per_prompt: np.ndarray, repeats: int) -> np.ndarray:
-    """Processor-order index of every output image token when each prompt's rows are tiled `repeats` times.
+def repeated_token_order(tokens_per_image: np.ndarray, images_per_prompt: np.ndarray,
+                         repeats: int | np.ndarray) -> np.ndarray:
+    """Processor-order index of every output image token when prompt p's rows are tiled `repeats[p]` times.
 
-    Prompt after prompt, the tokens of all the prompt's images (in order) are emitted `repeats` times: the
-    reading order of image placeholders in a prompt-major batch whose row p * G + g is a copy of prompt p.
+    Prompt after prompt, the tokens of all the prompt's images (in order) are emitted `repeats[p]` times: the
+    reading order of image placeholders in a prompt-major batch whose rows are copies of their prompt.
 
-    tokens_per_image: int[n_images]; images_per_prompt: int[n_prompts] summing to n_images.
-    Returns int64[repeats * sum(tokens_per_image)].
+    tokens_per_image: int[n_images]; images_per_prompt: int[n_prompts] summing to n_images; repeats: an int (every
+    prompt) or int[n_prompts]. Returns int64[sum_p repeats[p] * tokens of prompt p].
     """
     token_bounds = np.concatenate([[0], np.cumsum(tokens_per_image)]).astype(np.int64)
     image_bounds = np.concatenate([[0], np.cumsum(images_per_prompt)]).astype(np.int64)
+    counts = np.broadcast_to(np.asarray(repeats, np.int64), images_per_prompt.shape)
     runs = [
-        np.tile(np.arange(token_bounds[first], token_bounds[last]), repeats)
-        for first, last in zip(image_bounds[:-1], image_bounds[1:])
+        np.tile(np.arange(token_bounds[first], token_bounds[last]), int(count))
+        for first, last, count in zip(image_bounds[:-1], image_bounds[1:], counts)
     ]
     return np.concatenate([np.zeros((0,), np.int64), *runs])
 
@@ -263,8 +267,9 @@ def prepare_vision_inputs(
     config: VisionConfig,
     *,
     bucket_sizes: Sequence[int] | None = DEFAULT_PATCH_BUCKETS,
-    repeats: int = 1,
+    repeats: int | Sequence[int] | np.ndarray = 1,
     images_per_prompt: Sequence[int] | np.ndarray | None = None,
+    max_repeats: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Everything the jitted `VisionTower` needs for a batch of images, padded to a patch bucket.
 
@@ -275,13 +280,17 @@ def prepare_vision_inputs(
         multiple of `config.window_patches` (one compilation per distinct patch count).
     repeats: emit each prompt's image tokens this many times in a row, as a batch holding G samples per prompt
         (prompt-major rows p * G + g) needs. The tower still encodes every image once: the copies are a gather
-        of its output (and their gradients add up), so this costs 1/repeats of repeating the pixels.
+        of its output (and their gradients add up), so this costs 1/repeats of repeating the pixels. An
+        int[n_prompts] gives each prompt its own count (a shard of rows holding part of a prompt's group).
     images_per_prompt: int[n_prompts], how many consecutive images (in `grid_thw` order) each prompt holds; 0
         for a text-only prompt. A prompt's run is all its images in order, so prompt p with images (a, b)
         yields a b a b ... (repeats times), the order its G tiled rows read them in. None means one image per
         prompt, i.e. each image's tokens repeated on their own (image 0 x repeats, image 1 x repeats, ...).
 
-    Returns a dict of numpy arrays, with P the padded patch count and M = repeats * P / merge²:
+    max_repeats: sizes the output for this many repeats (default: the largest of `repeats`), so shards with
+        different counts share one shape.
+
+    Returns a dict of numpy arrays, with P the padded patch count and M = max_repeats * P / merge²:
       "patches":              float32[P, C*T*p*p]  patches in window order; padding rows are zero.
       "window_segment_ids":   int32[P]   attention segment of each patch in windowed blocks (one per window).
       "full_segment_ids":     int32[P]   attention segment in full-attention blocks (one per image frame).
@@ -303,8 +312,11 @@ def prepare_vision_inputs(
             f"pixel_values has {pixels.shape[0]} patches but grid_thw {grid.tolist()} describes {num_patches}; "
             "pass the pixel_values and grid_thw of the same images"
         )
-    if int(repeats) != repeats or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer; got {repeats}")
+    per_prompt = validate_images_per_prompt(images_per_prompt, len(grid))
+    counts = _validate_repeats(repeats, len(per_prompt))
+    max_repeats = int(counts.max(initial=1)) if max_repeats is None else int(max_repeats)
+    if counts.size and counts.max() > max_repeats:
+        raise ValueError(f"max_repeats={max_repeats} is below the largest of repeats ({int(counts.max())})")
     unit = config.merge_unit
     layout = window_layout(
         grid,
@@ -326,12 +338,9 @@ def prepare_vision_inputs(
     # Output token k (processor order, each prompt's run repeated) reads window-order merged row inverse[k];
     # rows past the real tokens read any in-range row: token_valid zeroes them.
     to_window_order = np.argsort(layout.window_index)
-    per_prompt = validate_images_per_prompt(images_per_prompt, len(grid))
-    real = to_window_order[
-        repeated_token_order(num_image_tokens(grid, config.spatial_merge_size), per_prompt, int(repeats))
-    ]
+    real = to_window_order[repeated_token_order(num_image_tokens(grid, config.spatial_merge_size), per_prompt, counts)]
     padded_units = padded // unit
-    outputs = int(repeats) * padded_units
+    outputs = max_repeats * padded_units
     inverse = np.arange(outputs, dtype=np.int64) % padded_units
     inverse[: real.size] = real
     # Window order only moves units within their frame, so frames stay contiguous and the per-frame
@@ -362,29 +371,66 @@ def empty_vision_inputs(config: VisionConfig, padded_patches: int, *, repeats: i
     }
 
 
+def _validate_repeats(repeats: int | Sequence[int] | np.ndarray, num_prompts: int) -> np.ndarray:
+    """`repeats` (an int or one count per prompt) -> int64[num_prompts], each >= 1."""
+    counts = np.asarray(repeats)
+    if counts.ndim == 0:
+        if int(counts) != counts:
+            raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
+        counts = np.full((num_prompts,), int(counts))
+    if counts.shape != (num_prompts,) or (counts.size and not np.issubdtype(counts.dtype, np.integer)):
+        raise ValueError(f"repeats must be a positive integer or one per prompt ({num_prompts}); got {repeats!r}")
+    if np.any(counts < 1):
+        raise ValueError(f"repeats must be a positive integer; got {counts.tolist()}")
+    return counts.astype(np.int64)
+
+
+def _shard_image_spans(images_per_prompt: np.ndarray, patches_per_image: np.ndarray,
+                       plan: Sequence[RowShard]) -> list[tuple[int, int, int, int]]:
+    """(first image, stop image, first patch, stop patch) of each block of `plan`."""
+    image_bounds = np.concatenate([[0], np.cumsum(images_per_prompt)]).astype(np.int64)
+    patch_bounds = np.concatenate([[0], np.cumsum(patches_per_image)]).astype(np.int64)
+    if plan and plan[-1].stop > len(images_per_prompt):
+        raise ValueError(
+            f"the row plan covers {plan[-1].stop} prompts; images_per_prompt has {len(images_per_prompt)}"
+        )
+    spans = []
+    for shard in plan:
+        i0, i1 = int(image_bounds[shard.first]), int(image_bounds[shard.stop])
+        spans.append((i0, i1, int(patch_bounds[i0]), int(patch_bounds[i1])))
+    return spans
+
+
+def fullest_shard_patches(grid_thw: np.ndarray, config: VisionConfig, *, plan: Sequence[RowShard],
+                          images_per_prompt: Sequence[int] | np.ndarray | None = None) -> int:
+    """The patch count of the fullest block of `plan`: what every block's bucket must hold (agree it over
+    processes before `prepare_sharded_vision_inputs`)."""
+    grid = validate_grid_thw(grid_thw, config.spatial_merge_size)
+    spans = _shard_image_spans(validate_images_per_prompt(images_per_prompt, len(grid)), np.prod(grid, axis=1), plan)
+    return max((p1 - p0 for _, _, p0, p1 in spans), default=0)
+
+
 def prepare_sharded_vision_inputs(
     pixel_values: np.ndarray,
     grid_thw: np.ndarray,
     config: VisionConfig,
     *,
-    images_per_shard: Sequence[int],
-    bucket_sizes: Sequence[int] | None = DEFAULT_PATCH_BUCKETS,
-    repeats: int = 1,
+    plan: Sequence[RowShard],
     images_per_prompt: Sequence[int] | np.ndarray | None = None,
+    bucket_sizes: Sequence[int] | None = DEFAULT_PATCH_BUCKETS,
+    min_patches: int = 0,
 ) -> dict[str, np.ndarray]:
-    """`prepare_vision_inputs` for a batch split into S shards (e.g. the rows each data-parallel device holds).
+    """`prepare_vision_inputs` per block of rows (`models/image_shards.py`): block k of `plan` encodes the images
+    of its prompts once and emits each prompt's image tokens once per row it holds of that prompt.
 
-    The images (in batch order) are dealt out consecutively, `images_per_shard[s]` to shard s (0 allowed); all
-    shards share the bucket of the fullest one. Every array gains a leading axis S, and `VisionTower` returns
-    [S, M, D]: shard s's image tokens first in row s, then padding. `repeats` and `images_per_prompt` as in
-    `prepare_vision_inputs`; a shard boundary must not fall inside a prompt's images.
+    The images (in batch order) belong to the prompts by `images_per_prompt` (None: one image per prompt). All
+    blocks share one bucket, the smallest holding the fullest block and `min_patches` (the fullest block over
+    all processes, so every process builds the same shapes). Every array gains a leading axis K = len(plan), and
+    `image_shards.IMAGES_PER_SHARD` int32[K] counts each block's images; `VisionTower` returns [K, M, D] with
+    M = (most rows of one prompt in any block) * bucket / merge².
     """
     grid = validate_grid_thw(grid_thw, config.spatial_merge_size)
-    counts = [int(c) for c in images_per_shard]
-    if any(c < 0 for c in counts) or sum(counts) != len(grid):
-        raise ValueError(
-            f"images_per_shard={counts} must be non-negative and sum to the number of images ({len(grid)})"
-        )
+    per_prompt = validate_images_per_prompt(images_per_prompt, len(grid))
     patches_per_image = np.prod(grid, axis=1)
     pixel_values = np.asarray(pixel_values)
     if pixel_values.shape[0] != patches_per_image.sum():
@@ -392,42 +438,26 @@ def prepare_sharded_vision_inputs(
             f"pixel_values has {pixel_values.shape[0]} patches but grid_thw {grid.tolist()} describes "
             f"{int(patches_per_image.sum())}; pass the pixel_values and grid_thw of the same images"
         )
-    image_bounds = np.cumsum([0, *counts])
-    patch_bounds = np.concatenate([[0], np.cumsum(patches_per_image)])[image_bounds]
-    fullest = int(np.max(np.diff(patch_bounds)))
-    padded = choose_bucket(max(fullest, 1), bucket_sizes, multiple=config.window_patches)
-    prompts = prompts_per_shard(validate_images_per_prompt(images_per_prompt, len(grid)), image_bounds)
-    shards = [
-        prepare_vision_inputs(
-            pixel_values[p0:p1], grid[i0:i1], config, bucket_sizes=(padded,), repeats=repeats,
-            images_per_prompt=shard_prompts,
-        )
-        if i1 > i0
-        else empty_vision_inputs(config, padded, repeats=repeats)
-        for i0, i1, p0, p1, shard_prompts in zip(
-            image_bounds[:-1], image_bounds[1:], patch_bounds[:-1], patch_bounds[1:], prompts
-        )
-    ]
-    return {key: np.stack([shard[key] for shard in shards]) for key in shards[0]}
-
-
-def prompts_per_shard(images_per_prompt: np.ndarray, image_bounds: np.ndarray) -> list[np.ndarray]:
-    """The `images_per_prompt` of each shard's images [image_bounds[s], image_bounds[s + 1]).
-
-    Text-only prompts hold no image, so they are left out (they add no token anywhere). Raises when a shard
-    boundary cuts a prompt's images apart: its tiled rows would then read images from two shards.
-    """
-    with_images = images_per_prompt[images_per_prompt > 0]
-    prompt_ends = np.cumsum(with_images)
-    prompt_starts = prompt_ends - with_images
-    cut = [int(b) for b in image_bounds[1:-1] if np.any((prompt_starts < b) & (b < prompt_ends))]
-    if cut:
-        raise ValueError(
-            f"images_per_shard splits a prompt's images at image index {cut} (images_per_prompt="
-            f"{images_per_prompt.tolist()}); deal whole prompts to shards"
-        )
-    shard_ranges = zip(image_bounds[:-1], image_bounds[1:])
-    return [with_images[(prompt_starts >= i0) & (prompt_ends <= i1)] for i0, i1 in shard_ranges]
+    if not plan:
+        raise ValueError("the row plan holds no shard; plan at least one (image_shards.plan_row_shards)")
+    spans = _shard_image_spans(per_prompt, patches_per_image, plan)
+    fullest = max(max(p1 - p0 for _, _, p0, p1 in spans), int(min_patches), 1)
+    padded = choose_bucket(fullest, bucket_sizes, multiple=config.window_patches)
+    max_repeats = max(int(shard.rows.max(initial=1)) for shard in plan)
+    shards = []
+    for shard, (i0, i1, p0, p1) in zip(plan, spans):
+        prompts = per_prompt[shard.first:shard.stop]
+        with_images = prompts > 0  # text-only prompts add no token anywhere
+        if i1 == i0:
+            shards.append(empty_vision_inputs(config, padded, repeats=max_repeats))
+            continue
+        shards.append(prepare_vision_inputs(
+            pixel_values[p0:p1], grid[i0:i1], config, bucket_sizes=(padded,), repeats=shard.rows[with_images],
+            images_per_prompt=prompts[with_images], max_repeats=max_repeats,
+        ))  # fmt: skip
+    out = {key: np.stack([shard[key] for shard in shards]) for key in shards[0]}
+    out[IMAGES_PER_SHARD] = np.asarray([i1 - i0 for i0, i1, _, _ in spans], np.int32)
+    return out
 
 
 def num_image_tokens(grid_thw: np.ndarray, spatial_merge_size: int) -> np.ndarray:
