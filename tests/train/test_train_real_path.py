@@ -31,6 +31,12 @@ SIZES = [
 ]
 COMPARED = ("reward/", "advantages_", "loss/", "length/", "eval", "sample/tokens")
 SKIPPED = ("latency_s", "tokens_per_s", "judge_calls", "cache_hits")  # work done, not results: hosts dedupe apart
+# bf16 rounding noise, not results: the sampler-vs-trainer log-prob gap is that noise by definition, and the
+# 2-process run encodes its rollout images in one block per process (one block in all with 1 process) and sums
+# the vision gradients over devices in another order; at step 1 the clipped gradient nearly cancels (loss ~1e-8),
+# so its norm moves by ~1 bf16 ulp (0.4 %). Rewards, advantages, losses and the exported weights stay tight.
+BF16_NOISE = {"loss/sampler_logprob_diff_max": dict(rtol=0, atol=2e-3),
+              "loss/sampler_logprob_diff_mean": dict(rtol=0, atol=5e-4), "loss/grad_norm": dict(rtol=1e-2, atol=0)}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,8 @@ def _assert_same_metrics(expected: list[dict], actual: list[dict]) -> int:
             if not key.startswith(COMPARED) or key.endswith(SKIPPED) or not isinstance(value, (int, float)):
                 continue
             assert key in b[step], (step, key)
-            np.testing.assert_allclose(b[step][key], value, rtol=1e-4, atol=1e-5, err_msg=f"step {step} {key}")
+            tolerance = BF16_NOISE.get(key, dict(rtol=1e-4, atol=1e-5))
+            np.testing.assert_allclose(b[step][key], value, **tolerance, err_msg=f"step {step} {key}")
             compared += 1
     return compared
 
