@@ -3,8 +3,8 @@
 The tower runs on one flat sequence holding the patches of every image in the batch, already permuted into
 window order and padded to a bucket by `vision_host.prepare_vision_inputs`, which also supplies the attention
 segments, the rotary tables and the inverse permutation. Nothing here depends on the image sizes, so one
-compiled tower serves every batch in a bucket. An optional leading shard axis (one such sequence per
-data-parallel shard, `vision_host.prepare_sharded_vision_inputs`) is vmapped, so a mesh can split the images.
+compiled tower serves every batch in a bucket. An optional leading block axis (one such sequence per block of
+rows, `vision_host.prepare_sharded_vision_inputs`) rides along every op, so a mesh can split the images.
 
 Attention is block-diagonal by segment: windowed blocks see the patches of their own 112-px window, the
 `fullatt_block_indexes` blocks see their whole image frame, padding sees only padding. Window attention only
@@ -36,7 +36,6 @@ from flax import nnx
 
 from balcap_jax.models.layer_stack import scan_layers, stacked
 from balcap_jax.models.attention import attend, check_attention_impl, resolve_impl
-from balcap_jax.models.image_shards import map_over_shards
 from balcap_jax.models.layers import Linear, RMSNorm, SwiGLU, apply_rotary, gelu
 from balcap_jax.models.remat import Remat
 
@@ -184,30 +183,35 @@ def local_segment_attention(
     query whose segment fits in a block. (The tower's bucket padding is one segment that may be longer; its
     queries then see only nearby padding, which changes no real position.)
 
-    q/k/v [N, H, Dh] with N a multiple of block_size; segment_ids int[N]. Returns [N, H, Dh].
+    q/k/v [..., N, H, Dh] with N a multiple of block_size; segment_ids int[..., N] (leading axes: independent
+    sequences, e.g. the blocks of rows of `models/image_shards.py`). Returns [..., N, H, Dh].
     """
-    n, heads, head_dim = q.shape
+    *lead, n, heads, head_dim = q.shape
     if n % block_size:
         raise ValueError(f"sequence length {n} must be a multiple of the attention block size {block_size}")
     blocks = n // block_size
+    axis = len(lead)  # the blocks axis of the reshaped sequences
 
     def neighbourhood(x: Array, fill) -> Array:
-        """[N, ...] -> [blocks, 3 * block_size, ...]: each block with its left and right neighbours."""
-        x = x.reshape(blocks, block_size, *x.shape[1:])
-        edge = jnp.full((1, *x.shape[1:]), fill, x.dtype)
-        padded = jnp.concatenate([edge, x, edge], axis=0)
-        return jnp.concatenate([padded[:-2], padded[1:-1], padded[2:]], axis=1)
+        """[..., N, ...] -> [..., blocks, 3 * block_size, ...]: each block with its left and right neighbours."""
+        x = x.reshape(*lead, blocks, block_size, *x.shape[axis + 1:])
+        edge_shape = list(x.shape)
+        edge_shape[axis] = 1
+        edge = jnp.full(edge_shape, fill, x.dtype)
+        padded = jnp.concatenate([edge, x, edge], axis=axis)
+        take = lambda a, b: jax.lax.slice_in_dim(padded, a, padded.shape[axis] - b, axis=axis)  # noqa: E731
+        return jnp.concatenate([take(0, 2), take(1, 1), take(2, 0)], axis=axis + 1)
 
     # The halo beyond the sequence ends gets segment -1, which no position has.
     out = segment_attention(
-        q.reshape(blocks, block_size, heads, head_dim),
+        q.reshape(*lead, blocks, block_size, heads, head_dim),
         neighbourhood(k, 0),
         neighbourhood(v, 0),
-        segment_ids.reshape(blocks, block_size),
+        segment_ids.reshape(*lead, blocks, block_size),
         neighbourhood(segment_ids, -1),
         impl=impl,
     )
-    return out.reshape(n, heads, head_dim)
+    return out.reshape(q.shape)
 
 
 def chunked_segment_attention(
@@ -216,22 +220,27 @@ def chunked_segment_attention(
     """`segment_attention` over one whole sequence, `query_chunk` queries at a time.
 
     Peak memory holds H x query_chunk x N logits instead of H x N x N (the chunk body is rematerialised in the
-    backward pass). q/k/v [N, H, Dh], segment_ids int[N]; N must be a multiple of query_chunk. A fused kernel
-    (`impl` resolving to one) never holds the logits, so it takes the whole sequence at once.
+    backward pass). q/k/v [..., N, H, Dh], segment_ids int[..., N] (leading axes: independent sequences); N must
+    be a multiple of query_chunk. A fused kernel (`impl` resolving to one) never holds the logits, so it takes the
+    whole sequence at once.
     """
-    n = q.shape[0]
+    *lead, n, heads, head_dim = q.shape
     if n <= query_chunk or resolve_impl(impl, dtype=q.dtype) != "reference":
         return segment_attention(q, k, v, segment_ids, segment_ids, impl=impl)
     if n % query_chunk:
         raise ValueError(f"sequence length {n} must be a multiple of the query chunk {query_chunk}")
+    axis = len(lead)
 
     @jax.checkpoint
     def one_chunk(chunk: tuple[Array, Array]) -> Array:
         q_chunk, q_ids = chunk
         return segment_attention(q_chunk, k, v, q_ids, segment_ids, impl=impl)
 
-    chunks = (q.reshape(n // query_chunk, query_chunk, *q.shape[1:]), segment_ids.reshape(-1, query_chunk))
-    return jax.lax.map(one_chunk, chunks).reshape(q.shape)
+    # [..., N, ...] -> [N / chunk, ..., chunk, ...]: lax.map walks the chunks, every sequence at once.
+    q_chunks = jnp.moveaxis(q.reshape(*lead, n // query_chunk, query_chunk, heads, head_dim), axis, 0)
+    id_chunks = jnp.moveaxis(segment_ids.reshape(*lead, n // query_chunk, query_chunk), axis, 0)
+    out = jax.lax.map(one_chunk, (q_chunks, id_chunks))
+    return jnp.moveaxis(out, 0, axis).reshape(q.shape)
 
 
 def _largest_dividing_chunk(n: int, limit: int, granule: int) -> int:
@@ -319,14 +328,14 @@ class VisionAttention(nnx.Module):
         self.num_heads = config.num_heads
 
     def __call__(self, x: Array, cos: Array, sin: Array, attend: Attend) -> Array:
-        """x [N, D]; cos/sin [N, Dh]; `attend` the block's attention over its segments (`window_attention`,
-        `full_attention` or `selected_attention`). Returns [N, D]."""
-        n, width = x.shape
-        q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, -1), 1, 0)
+        """x [..., N, D]; cos/sin [..., N, Dh]; `attend` the block's attention over its segments
+        (`window_attention`, `full_attention` or `selected_attention`). Returns [..., N, D]."""
+        *lead, n, width = x.shape
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(*lead, n, 3, self.num_heads, -1), -3, 0)
         # Rotation in fp32, as the reference does, then back to the compute dtype.
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
-        return self.proj(attend(q, k, v).reshape(n, width))
+        return self.proj(attend(q, k, v).reshape(*lead, n, width))
 
 
 class VisionBlock(nnx.Module):
@@ -347,7 +356,7 @@ class VisionBlock(nnx.Module):
         )
 
     def __call__(self, x: Array, cos: Array, sin: Array, attend: Attend) -> Array:
-        """x [N, D]; cos/sin [N, Dh]; `attend` as in `VisionAttention`. Returns [N, D]."""
+        """x [..., N, D]; cos/sin [..., N, Dh]; `attend` as in `VisionAttention`. Returns [..., N, D]."""
         x = x + self.attn(self.norm1(x), cos, sin, attend)
         return x + self.mlp(self.norm2(x))
 
@@ -370,8 +379,9 @@ class PatchMerger(nnx.Module):
         self.merged_width = merged_width
 
     def __call__(self, x: Array) -> Array:
-        """x [N, D] (N a multiple of merge²) -> [N / merge², out_hidden_size]."""
-        x = self.ln_q(x).reshape(-1, self.merged_width)
+        """x [..., N, D] (N a multiple of merge²) -> [..., N / merge², out_hidden_size]."""
+        x = self.ln_q(x)
+        x = x.reshape(*x.shape[:-2], -1, self.merged_width)
         for layer in self.mlp:
             x = layer(x)
         return x
@@ -385,9 +395,10 @@ class VisionTower(nnx.Module):
     in processor order (image after image, each image's run `repeats` times), followed by zero rows for bucket
     padding (`token_valid` False).
 
-    Inputs with a leading shard axis (`vision_host.prepare_sharded_vision_inputs`: patches [S, P, C*T*p*p], ...)
-    are encoded shard by shard (vmapped) into [S, M, out_hidden_size]; sharding that axis like the batch keeps
-    each device encoding only its own rows' images.
+    Inputs with a leading block axis (`vision_host.prepare_sharded_vision_inputs`: patches [K, P, C*T*p*p], ...)
+    are encoded block by block into [K, M, out_hidden_size]: every op keeps the axis (attention folds it into
+    its batch, so fused kernels see it as rows), and sharding it like the batch keeps each device encoding only
+    its own rows' images.
 
     `blocks` is a stack of `depth` VisionBlocks (parameters [depth, ...]) run by one scan; `remat` (False / True /
     "none" / "full" / "save_dots", see `remat.Remat`) checkpoints the scanned block.
@@ -418,16 +429,18 @@ class VisionTower(nnx.Module):
         return np.isin(np.arange(self.config.depth), self.config.fullatt_block_indexes)
 
     def encode_patches(self, inputs: VisionInputs) -> Array:
-        """Patch embedding and all blocks: [P, hidden_size] hidden states in window order (before the merger)."""
+        """Patch embedding and all blocks: [..., P, hidden_size] hidden states in window order (before the merger);
+        a leading axis holds independent blocks of images (`models/image_shards.py`)."""
         _check_vision_inputs(inputs, self.config)
         x = self.patch_embed(inputs["patches"])
         cos, sin = inputs["rotary_cos"], inputs["rotary_sin"]
+        patches = x.shape[-2]
         query_chunk = _largest_dividing_chunk(
-            x.shape[0], self.full_attention_query_chunk, granule=self.config.window_patches
+            patches, self.full_attention_query_chunk, granule=self.config.window_patches
         )
 
         impl = self.config.attention
-        block_size = window_block_size(x.shape[0], self.config.window_patches, impl, x.dtype)
+        block_size = window_block_size(patches, self.config.window_patches, impl, x.dtype)
 
         def step(block: VisionBlock, x: Array, is_full: Array) -> tuple[Array, None]:
             attend = selected_attention(
@@ -439,17 +452,12 @@ class VisionTower(nnx.Module):
         x, _ = scan_layers(self.blocks, step, x, jnp.asarray(self.full_attention_flags()), remat=self.remat)
         return x
 
-    def embed_images(self, inputs: VisionInputs) -> Array:
-        """One bucket of images (no shard axis) -> [M, out_hidden_size]; see the class docstring."""
-        merged = self.merger(self.encode_patches(inputs))  # [M, out] in window order
-        embeds = merged[inputs["inverse_window_index"]]
-        return jnp.where(inputs["token_valid"][:, None], embeds, jnp.zeros((), embeds.dtype))
-
     def __call__(self, inputs: VisionInputs) -> Array:
+        """[M, out_hidden_size], or [K, M, out_hidden_size] for K blocks; see the class docstring."""
         inputs = {key: inputs[key] for key in VISION_INPUT_KEYS if key in inputs}
-        if "patches" in inputs and inputs["patches"].ndim == 3:
-            return map_over_shards(self.embed_images, inputs)
-        return self.embed_images(inputs)
+        merged = self.merger(self.encode_patches(inputs))  # [..., M, out] in window order
+        embeds = jnp.take_along_axis(merged, inputs["inverse_window_index"][..., None], axis=-2)
+        return jnp.where(inputs["token_valid"][..., None], embeds, jnp.zeros((), embeds.dtype))
 
 
 def _check_vision_inputs(inputs: VisionInputs, config: VisionConfig) -> None:
@@ -458,19 +466,21 @@ def _check_vision_inputs(inputs: VisionInputs, config: VisionConfig) -> None:
     if missing:
         raise KeyError(f"vision inputs lack {missing}; build them with vision_host.prepare_vision_inputs")
     patches = inputs["patches"]
-    chex.assert_rank(patches, 2)
-    if patches.shape[1] != config.patch_dim:
-        raise ValueError(f"patches have {patches.shape[1]} values each; the config expects {config.patch_dim}")
-    n = patches.shape[0]
+    if patches.ndim not in (2, 3):
+        raise ValueError(f"patches must be [P, C*T*p*p] or [K, P, C*T*p*p] (blocks); got shape {patches.shape}")
+    lead = patches.shape[:-2]
+    if patches.shape[-1] != config.patch_dim:
+        raise ValueError(f"patches have {patches.shape[-1]} values each; the config expects {config.patch_dim}")
+    n = patches.shape[-2]
     if n % config.window_patches:
         raise ValueError(
             f"the padded patch count {n} must be a multiple of window_patches={config.window_patches}; use "
             "vision_host.prepare_vision_inputs to pad"
         )
-    chex.assert_shape([inputs["window_segment_ids"], inputs["full_segment_ids"]], (n,))
-    chex.assert_shape([inputs["rotary_cos"], inputs["rotary_sin"]], (n, config.head_dim))
+    chex.assert_shape([inputs["window_segment_ids"], inputs["full_segment_ids"]], (*lead, n))
+    chex.assert_shape([inputs["rotary_cos"], inputs["rotary_sin"]], (*lead, n, config.head_dim))
     outputs = inputs["inverse_window_index"].shape
-    if len(outputs) != 1 or outputs[0] % (n // config.merge_unit):
+    if outputs[:-1] != lead or outputs[-1] % (n // config.merge_unit):
         raise ValueError(
             f"inverse_window_index has shape {outputs}; expected [repeats * {n // config.merge_unit}] for {n} patches"
         )
