@@ -216,12 +216,31 @@ def cudnn_attention(
     is cuDNN's own mask; segments become its boolean mask [B, 1, T, S] (cuDNN has no segment ids), which is
     O(T * S) bits per row, not the H x T x S fp32 scores. `implementation="xla"` runs the same call on any
     platform (tests)."""
+    length = q.shape[1]
+    if length % 2 or k.shape[1] % 2:
+        q, k, v, q_segment_ids, kv_segment_ids = _even_lengths(q, k, v, q_segment_ids, kv_segment_ids)
     mask = None
     if q_segment_ids is not None:
         mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(
+    out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, scale=scale, is_causal=causal, implementation=implementation
     )
+    return out[:, :length]
+
+
+def _even_lengths(q: Array, k: Array, v: Array, q_ids: Array | None, kv_ids: Array | None) -> tuple[Array, ...]:
+    """cuDNN trains with a mask only on even sequence lengths (CLIP's 577 tokens are not): one slot of padding
+    where a length is odd. A padded key gets a segment no query has; a padded query repeats the last real
+    query's segment (it must see some key; its output is dropped). Both sit after every real slot, so the causal
+    rule is unchanged."""
+    if q_ids is None:
+        q_ids = jnp.zeros(q.shape[:2], jnp.int32)
+        kv_ids = jnp.zeros(k.shape[:2], jnp.int32)
+    t, s = q.shape[1] + q.shape[1] % 2, k.shape[1] + k.shape[1] % 2
+    never = jnp.iinfo(jnp.int32).min
+    q_ids = jnp.concatenate([q_ids, jnp.broadcast_to(q_ids[:, -1:], (q_ids.shape[0], t - q_ids.shape[1]))], 1)
+    return (_pad_axis(q, 1, t, 0), _pad_axis(k, 1, s, 0), _pad_axis(v, 1, s, 0), q_ids,
+            _pad_axis(kv_ids, 1, s, never))
 
 
 def _shard_over_batch(fn, arrays: tuple[Array, ...], heads: tuple[int, int]):
