@@ -143,7 +143,6 @@ def caption_source(
     from balcap_jax.data import pipeline as pipeline_lib
     from balcap_jax.trainer import batches as batches_lib
     from balcap_jax.trainer.builders import sampler_config
-    from balcap_jax.trainer.families import family_of
 
     config, policy = loaded.config, loaded.policy
     settings = {"max_new_tokens": max_new_tokens, "prompt": config.data.prompt, "decoding": "greedy"}
@@ -160,7 +159,7 @@ def caption_source(
         processor = batches_lib.PolicyPromptProcessor.for_policy(policy, config.data.prompt)
         pipeline = pipeline_lib.PipelineConfig(
             batch_size=batch_size, buckets=tuple(config.data.prompt_buckets), shuffle=False, num_epochs=1,
-            pad_id=policy.pad_id, concat_keys=family_of(policy).concat_keys, seed=int(config.seed),
+            pad_id=policy.pad_id, concat_keys=policy.family.concat_keys, seed=int(config.seed),
         )  # fmt: skip
         sampling = ml_collections.ConfigDict(config.to_dict())
         sampling.sampling.max_new_tokens = max_new_tokens

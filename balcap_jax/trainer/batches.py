@@ -14,13 +14,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from balcap_jax.data.caption_processors import caption_processor
 from balcap_jax.data.records import CaptionExample
 from balcap_jax.data.shapes_world_warm_start import sft_target
 from balcap_jax.models.interface import next_text_positions
 from balcap_jax.parallel import hosts
 from balcap_jax.rewards.types import RewardItem
 from balcap_jax.sampling.rollout import Rollout, build_training_batch
-from balcap_jax.trainer.families import family_of
 from balcap_jax.trainer.policy import Policy
 
 
@@ -33,7 +33,9 @@ class PolicyPromptProcessor:
 
     @classmethod
     def for_policy(cls, policy: Policy, instruction: str) -> "PolicyPromptProcessor":
-        return cls(family_of(policy).processor(policy, instruction), policy)
+        inner = caption_processor(policy.family.name, tokenizer=policy.tokenizer, model_config=policy.model_config,
+                                  image_config=policy.image_config, instruction=instruction)
+        return cls(inner, policy)
 
     @property
     def pad_id(self) -> int:
@@ -49,10 +51,10 @@ def vision_inputs(policy: Policy, batch: Mapping[str, Any], *, repeats: int = 1,
                   micro_batches: int = 1) -> dict[str, np.ndarray]:
     """The vision inputs of this process's rows (each prompt's `repeats` copies, prompt-major), laid out in one
     block per batch shard of `mesh` and micro-batch (`hosts.row_blocks`; one block without a mesh), so each
-    device encodes only its own rows' images (see `families.py` for how each family does it)."""
+    device encodes only its own rows' images (each family's `vision_inputs`, `models/<family>/family.py`)."""
     rows = len(batch["input_ids"]) * repeats
     blocks = hosts.row_blocks(mesh, rows, micro_batches=micro_batches)
-    return family_of(policy).vision_inputs(policy, batch, repeats, blocks)
+    return policy.family.vision_inputs(policy.model_config, batch, repeats, blocks)
 
 
 def text_inputs(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:

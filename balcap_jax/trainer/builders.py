@@ -18,7 +18,6 @@ from balcap_jax.rl.policy_logprobs import make_log_prob_fn
 from balcap_jax.sampling.config import SamplerConfig
 from balcap_jax.sampling.strategies import Greedy, Temperature, TopP
 from balcap_jax.trainer import shaping
-from balcap_jax.trainer.families import family_of
 
 
 def mesh(config: Any, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -121,5 +120,5 @@ def sampler_config(config: Any, policy: Any, *, greedy: bool = False, group_size
         group_size=group_size,
         prompt_buckets=tuple(int(b) for b in config.data.prompt_buckets),
         cache_dtype="float32" if config.model.dtype == "float32" else "bfloat16",
-        blocked_ids=family_of(policy).blocked_ids(policy),
+        blocked_ids=policy.family.blocked_ids(policy.model_config),
     )

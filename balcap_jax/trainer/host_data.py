@@ -8,7 +8,7 @@ device count), which is what makes a 2-process run reproduce a 1-process run ste
 
 What the processes must agree on is agreed here, collectively: the padded prompt length (the longest bucket any
 process chose). Images stay with their rows: each process lays out only its own rows' images, one block per
-batch shard (`trainer/families.py`, which agrees the blocks' padded sizes). Iterator states are gathered, so
+batch shard (the family's `vision_inputs`, which agrees the blocks' padded sizes). Iterator states are gathered, so
 process 0's checkpoint holds every stream's position and a restart on any process count that divides
 `loader_shards` resumes exactly.
 """

@@ -41,7 +41,6 @@ from balcap_jax.trainer import placement
 from balcap_jax.trainer import shaping
 from balcap_jax.trainer import warm_start
 from balcap_jax.trainer.data_sources import corpus_texts, eval_description, prepare_data
-from balcap_jax.trainer.families import family_of
 from balcap_jax.trainer.host_data import HostBatches, resolve_loader_shards
 from balcap_jax.trainer.judges import build_reward_components
 from balcap_jax.trainer.policy import Policy, build_policy
@@ -168,7 +167,7 @@ def run(config: Any, workdir: str | os.PathLike, *, echo=print, devices=None) ->
                 num_epochs: int | None = None) -> HostBatches:
         cfg = pipeline_lib.PipelineConfig(
             batch_size=global_batch, buckets=tuple(config.data.prompt_buckets), seed=phase_seed,
-            pad_id=policy.pad_id, concat_keys=family_of(policy).concat_keys, drop_remainder=True,
+            pad_id=policy.pad_id, concat_keys=policy.family.concat_keys, drop_remainder=True,
             shuffle=shuffle, num_epochs=num_epochs,
         )
         return HostBatches.create(source, processor, cfg, loader_shards=loader_shards, global_batch_size=global_batch,

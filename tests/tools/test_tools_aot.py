@@ -26,7 +26,6 @@ from balcap_jax.tools.aot_targets import GIB, GPU_MODELS, INSTALL_HINT, compiler
 from balcap_jax.trainer import batches as batches_lib
 from balcap_jax.trainer import builders, placement
 from balcap_jax.trainer.data_sources import corpus_texts, prepare_data
-from balcap_jax.trainer.families import family_of
 from balcap_jax.trainer.policy import build_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,7 +211,7 @@ def loop_update_lowering(config, workdir: Path):
     processor = batches_lib.PolicyPromptProcessor.for_policy(policy, config.data.prompt)
     cfg = pipeline_lib.PipelineConfig(batch_size=int(config.data.prompts_per_batch),
                                       buckets=tuple(config.data.prompt_buckets), shuffle=False, pad_id=policy.pad_id,
-                                      concat_keys=family_of(policy).concat_keys, drop_remainder=True)
+                                      concat_keys=policy.family.concat_keys, drop_remainder=True)
     batch = next(iter(pipeline_lib.make_dataset(train, processor, cfg)))
     scfg = builders.sampler_config(config, policy)
     prepared = sampler.prepare_prompts(batches_lib.prompt_inputs(policy, batch), scfg)

@@ -12,7 +12,6 @@ from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor
 from balcap_jax.data.shapes_world_warm_start import WARM_START_KEY, sft_target
 from balcap_jax.models.image_shards import IMAGES_PER_SHARD
 from balcap_jax.sampling.rollout import build_training_batch, tile_rows
-from balcap_jax.trainer.families import family_of
 from balcap_jax.trainer import batches
 from balcap_jax.trainer.data_sources import corpus_texts, prepare_data
 from balcap_jax.trainer.policy import build_policy
@@ -122,12 +121,12 @@ def test_images_in_blocks_of_rows_give_the_log_probs_of_one_block(setup, blocks)
     references = [r[0] for r in batch["references"] for _ in range(group)]
     rollout = batches.reference_completions(policy, references, text, 40)
     train = build_training_batch(batches.text_inputs(batch), rollout, group)
-    family = family_of(policy)
+    family = policy.family
     graphdef, state = nnx.split(policy.model)
     log_probs = jax.jit(make_log_prob_fn(graphdef))
     scores = {}
     for k in (1, blocks):
-        vision = family.vision_inputs(policy, batch, group, k)
+        vision = family.vision_inputs(policy.model_config, batch, group, k)
         assert vision["patches"].shape[0] == k and vision[IMAGES_PER_SHARD].sum() >= len(batch["references"])
         with jax.default_matmul_precision("highest"):
             scores[k] = np.asarray(log_probs(state, jax.tree.map(jnp.asarray, {**train, "vision": vision}))[0])

@@ -1,7 +1,7 @@
 """LLaVA-1.5 configuration: a CLIP vision tower, a 2-layer projector and a Llama decoder.
 
 `CLIPVisionConfig` and the top-level `LlavaConfig` fields carry HF's names; the decoder is the `DecoderConfig`
-shared with Qwen2 (`qwen2_5_vl/text.py`, 1-D RoPE, no q/k/v bias). `LlavaConfig.from_hf_dict` reads a
+shared with Qwen2 (`qwen2_5_vl/text.py`, 1-D RoPE, no q/k/v bias). `LlavaConfig.from_hf` reads a
 `config.json` of either transformers generation (keys it omits take HF's class defaults, as transformers
 does) and `to_hf_dict` writes one back; the presets reproduce `llava-hf/llava-1.5-{7b,13b}-hf`.
 """
@@ -209,7 +209,7 @@ class LlavaConfig:
         return self.vision.hidden_size * len(self.feature_layers)
 
     @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any]) -> "LlavaConfig":
+    def from_hf(cls, hf: Mapping[str, Any]) -> "LlavaConfig":
         """Build from a parsed HF `config.json` (`model_type` "llava"; transformers 4.x or 5.x spelling)."""
         if hf.get("model_type", "llava") != "llava":
             raise ValueError(f"config.json model_type must be 'llava', got {hf.get('model_type')!r}")
@@ -242,6 +242,9 @@ class LlavaConfig:
             multimodal_projector_bias=hf.get("multimodal_projector_bias", cls.multimodal_projector_bias),
             tie_word_embeddings=tie,
         )
+
+    # The name `params.load_llava` and the tests use; `from_hf` is the one every family shares.
+    from_hf_dict = from_hf
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` transformers needs to rebuild this model (`LlavaForConditionalGeneration`)."""
