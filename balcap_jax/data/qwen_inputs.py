@@ -27,9 +27,8 @@ from balcap_jax.models.qwen2_5_vl.processor import (
     caption_prompt,
     encode_prompt,
 )
+from balcap_jax.models.qwen2_5_vl.family import CONCAT_KEYS as QWEN_CONCAT_KEYS  # noqa: F401 (the pipeline's name)
 from balcap_jax.models.qwen2_5_vl.rope_index import get_rope_index
-
-QWEN_CONCAT_KEYS = ("pixel_values", "image_grid_thw")
 
 
 @dataclasses.dataclass(frozen=True)
