@@ -22,17 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from balcap_jax.rewards.components import COMPONENT_NAMES
+from balcap_jax.rewards.judges import BACKENDS
 from balcap_jax.rl.losses import AGGREGATIONS
+from balcap_jax.rl.shaping import ADVANTAGE_KINDS, LENGTH_KINDS
 from balcap_jax.rl.update import LR_SCHEDULES
 
 MODEL_NAMES = ("qwen2_5_vl", "llava")
 DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("shapes_world", "manifest")
 REWARD_COMPONENTS = COMPONENT_NAMES  # allowed values live with the code that owns them
-JUDGE_BACKENDS = ("shapes_world", "openai", "jax_local")
-ADVANTAGE_KINDS = ("grpo", "gdpo")
+JUDGE_BACKENDS = BACKENDS
 BATCH_STATS = ("sample", "token")
-LENGTH_KINDS = ("mask", "linear", "none")
 LOSS_AGGREGATIONS = AGGREGATIONS
 
 _MISSING = object()  # get_field's "no default given"

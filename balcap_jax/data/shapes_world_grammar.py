@@ -1,7 +1,7 @@
 """The closed English of ShapesWorld: a lexicon and a total parser from any caption text to atomic claims.
 
 `parse_caption(text)` never raises: unknown words, fragments, repetition, empty strings and non-ASCII text all
-parse, into fewer (or unverifiable) claims and grammar violations. The judge (`rewards/judges/shapes_world.py`)
+parse, into fewer (or unverifiable) claims and grammar violations. The judge (`rewards/shapes_world/components.py`)
 checks the claims against a scene graph; this module knows nothing about any particular image.
 
 Parsing, per sentence (split after . ! ?), per clause (split at , ; : and "and" / "while" / "with" / "but"):

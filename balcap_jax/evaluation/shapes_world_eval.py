@@ -1,4 +1,4 @@
-"""ShapesWorld exact metrics: the offline judge (`rewards.judges.shapes_world`) on a held-out split.
+"""ShapesWorld exact metrics: the offline judge (`rewards.shapes_world.components`) on a held-out split.
 
 Per caption, from the scene graph, with no model in the loop: precision (correct pointable claims, duplicates
 counted once), recall (reference facts covered), F1 of the two, linguistic quality (rated 1-10 on clarity,
@@ -22,9 +22,9 @@ from balcap_jax.data.records import CaptionExample, decode_record
 from balcap_jax.data.shapes_world_grammar import parse_caption
 from balcap_jax.evaluation.dcscore import f1
 from balcap_jax.evaluation.results_store import item_key
-from balcap_jax.rewards.judges import shapes_world as judge
-from balcap_jax.rewards.judges.shapes_world_rating import rated_linguistic
-from balcap_jax.trainer.shaping import b_capscore
+from balcap_jax.rewards.shapes_world import components as judge
+from balcap_jax.rewards.shapes_world.rating import rated_linguistic
+from balcap_jax.rl.shaping import b_capscore
 
 NAME = "shapes_world"
 METRIC_VERSION = 2  # bump when the offline judge's rules change, so cached results are not reused

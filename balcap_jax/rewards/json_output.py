@@ -53,12 +53,15 @@ MAX_DECODE_ATTEMPTS = 256
 # re-trying from each opener inside it costs the run's depth every time (quadratic under a raised recursion limit).
 MAX_OPENER_RUN = 32
 _OPENER_RUN = re.compile(r"[\[{\s]*")
+# Characters all decode attempts together may read: an unclosed value nested thousands deep ('{"a": ' * 30000)
+# is read to its end from every opener, so without this bound the attempts cost depth x length.
+MAX_SCANNED_CHARS = 4 * MAX_TEXT_CHARS
 
 
 def iter_json(text: str, kind: str = "any") -> Iterator[Any]:
     """Every decodable JSON value of `kind` ("object", "array" or "any") in `text`, in order: the contents of
     code fences first, then the raw text. Bounded: the first MAX_TEXT_CHARS characters, at most MAX_CANDIDATES
-    values and MAX_DECODE_ATTEMPTS decode attempts."""
+    values, MAX_DECODE_ATTEMPTS decode attempts and MAX_SCANNED_CHARS characters read by them all."""
     if kind not in _OPENERS:
         raise ValueError(f"kind must be one of {sorted(_OPENERS)}, got {kind!r}")
     if not isinstance(text, str):
@@ -66,10 +69,10 @@ def iter_json(text: str, kind: str = "any") -> Iterator[Any]:
     text = text[:MAX_TEXT_CHARS]
     decoder = json.JSONDecoder()
     openers = _OPENERS[kind]
-    yielded = attempts = 0
+    yielded = attempts = scanned = 0
     for chunk in [match.group(1) for match in _FENCE.finditer(text)] + [text]:
         index = 0
-        while yielded < MAX_CANDIDATES and attempts < MAX_DECODE_ATTEMPTS:
+        while yielded < MAX_CANDIDATES and attempts < MAX_DECODE_ATTEMPTS and scanned < MAX_SCANNED_CHARS:
             positions = [p for p in (chunk.find(o, index) for o in openers) if p >= 0]
             if not positions:
                 break
@@ -77,10 +80,13 @@ def iter_json(text: str, kind: str = "any") -> Iterator[Any]:
             attempts += 1
             try:
                 value, end = decoder.raw_decode(chunk, start)
-            except (json.JSONDecodeError, RecursionError):
+            except (json.JSONDecodeError, RecursionError) as error:
+                # How far the decoder read before failing (a RecursionError says not: count the rest of the text).
+                scanned += max(getattr(error, "pos", len(chunk)) - start, 1)
                 run = _OPENER_RUN.match(chunk, start).end() - start
                 index = start + (run if run > MAX_OPENER_RUN else 1)
                 continue
+            scanned += end - start
             if isinstance(value, (dict, list)):
                 yielded += 1
                 yield value

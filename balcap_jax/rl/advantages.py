@@ -11,7 +11,7 @@ NaN semantics (shared by every function, and equal to TRL 1.16 `GRPOTrainer` und
   * a NaN component is excluded from every mean and standard deviation; it is never read as 0 in a statistic.
     GRPO must still turn a partially scored sample into one number (`partial_nan`): TRL's "sum_present" sums the
     scored components, which reads the missing one as 0 and penalises the sample; "mean_present" (the training
-    default in trainer/shaping.py) rescales the weighted mean of the scored components to the full weight, so a
+    default in rl/shaping.py) rescales the weighted mean of the scored components to the full weight, so a
     missing component neither helps nor hurts; "unscorable" drops the sample;
   * a sample whose components are all NaN is unscorable: it is excluded from statistics and gets advantage 0;
   * a statistic over fewer than 2 valid values (a group with < 2 scorable samples, a batch with < 2) is
@@ -168,7 +168,7 @@ def grpo_advantages(
       "mean_present": the weighted mean of the scored components times the total weight,
         Σ_present w_k r_k · Σ_k |w_k| / Σ_present |w_k|; a fully scored sample gets exactly Σ_k w_k r_k, and an
         unscorable component counts as the sample's own average instead of 0, so it is never penalised. A sample
-        whose scored components all have weight 0 is unscorable. The training default (trainer/shaping.py).
+        whose scored components all have weight 0 is unscorable. The training default (rl/shaping.py).
       "sum_present" (TRL, and this function's default so TRL parity holds): sums the scored components only,
         i.e. an unscorable component lowers the score as if it were 0.
       "unscorable": the score is undefined, so the sample is excluded and gets 0.

@@ -17,7 +17,7 @@ from balcap_jax.rl import update as update_lib
 from balcap_jax.rl.policy_logprobs import make_log_prob_fn
 from balcap_jax.sampling.config import SamplerConfig
 from balcap_jax.sampling.strategies import Greedy, Temperature, TopP
-from balcap_jax.trainer import shaping
+from balcap_jax.rl import shaping
 
 
 def mesh(config: Any, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:

@@ -7,16 +7,16 @@ import os
 from typing import Any
 
 from balcap_jax.rewards.components import COMPONENT_NAMES, judged_components
+from balcap_jax.rewards.judges import BACKENDS
 from balcap_jax.rewards.judges.jax_local import ImagesUnscorable, llama_text_judge
 from balcap_jax.rewards.judges.openai_pair import openai_judge_pair_from_config
-from balcap_jax.rewards.judges.shapes_world import (
+from balcap_jax.rewards.shapes_world.components import (
     ShapesWorldLinguistic,
     ShapesWorldPrecision,
     ShapesWorldQA,
     ShapesWorldRecall,
 )
 
-KNOWN_COMPONENTS = COMPONENT_NAMES
 logger = logging.getLogger(__name__)
 
 
@@ -27,9 +27,9 @@ def build_reward_components(config: Any, *, workdir: str | os.PathLike | None = 
     are cached in `<workdir>/judge_cache` (so a resumed run pays for no judge call twice).
     """
     names = tuple(config.rewards.components)
-    unknown = [n for n in names if n not in KNOWN_COMPONENTS]
+    unknown = [n for n in names if n not in COMPONENT_NAMES]
     if unknown:
-        raise ValueError(f"config.rewards.components has unknown names {unknown}; allowed: {KNOWN_COMPONENTS}")
+        raise ValueError(f"config.rewards.components has unknown names {unknown}; allowed: {COMPONENT_NAMES}")
     judge = config.rewards.judge
     if judge.backend == "shapes_world":
         factories = {
@@ -43,10 +43,7 @@ def build_reward_components(config: Any, *, workdir: str | os.PathLike | None = 
         return _openai_components(names, judge, workdir)
     if judge.backend == "jax_local":
         return _jax_local_components(names, judge)
-    raise ValueError(
-        f"config.rewards.judge.backend={judge.backend!r} is not a judge backend; allowed: 'shapes_world', "
-        "'openai', 'jax_local'"
-    )
+    raise ValueError(f"config.rewards.judge.backend={judge.backend!r} is not a judge backend; allowed: {list(BACKENDS)}")
 
 
 def _jax_local_components(names: tuple[str, ...], judge: Any) -> list[Any]:

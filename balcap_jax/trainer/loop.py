@@ -38,7 +38,7 @@ from balcap_jax.sampling.sampler import Sampler
 from balcap_jax.trainer import batches as batches_lib
 from balcap_jax.trainer import builders
 from balcap_jax.trainer import placement
-from balcap_jax.trainer import shaping
+from balcap_jax.rl import shaping
 from balcap_jax.trainer import warm_start
 from balcap_jax.trainer.data_sources import corpus_texts, eval_description, prepare_data
 from balcap_jax.trainer.host_data import HostBatches, resolve_loader_shards

@@ -39,7 +39,7 @@ from balcap_jax.sampling.sampler import Sampler
 from balcap_jax.trainer import batches as batches_lib
 from balcap_jax.trainer import builders
 from balcap_jax.trainer import placement
-from balcap_jax.trainer import shaping
+from balcap_jax.rl import shaping
 from balcap_jax.trainer.policy import Policy
 
 

@@ -21,7 +21,7 @@ from balcap_jax.data.pipeline import (
 from balcap_jax.data.records import CaptionExample
 from balcap_jax.data.shapes_world_records import write_shapes_world_manifests
 from balcap_jax.data.tfds_builder import open_split, prepare_manifest_dataset
-from balcap_jax.rewards.judges.shapes_world import shapes_world_components
+from balcap_jax.rewards.shapes_world.components import shapes_world_components
 from balcap_jax.rewards.types import RewardItem
 
 

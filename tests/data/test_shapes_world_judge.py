@@ -1,4 +1,4 @@
-"""The ShapesWorld offline judge (balcap_jax/rewards/judges/shapes_world.py): exact scores on hand-made
+"""The ShapesWorld offline judge (balcap_jax/rewards/shapes_world/components.py): exact scores on hand-made
 captions, references score 1, robustness to anything a policy may write, and the RewardComponent contract."""
 
 import asyncio
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from balcap_jax.data import shapes_world as W
 from balcap_jax.data import shapes_world_grammar as G
-from balcap_jax.rewards.judges import shapes_world as J
+from balcap_jax.rewards.shapes_world import components as J
 from balcap_jax.rewards.types import RewardItem
 
 # red circle (small, top left), blue square (large, center), green triangle (small, bottom right)

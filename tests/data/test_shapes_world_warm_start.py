@@ -11,7 +11,7 @@ from balcap_jax.data import shapes_world as W
 from balcap_jax.data import shapes_world_grammar as grammar
 from balcap_jax.data import shapes_world_records as records
 from balcap_jax.data import shapes_world_warm_start as S
-from balcap_jax.rewards.judges import shapes_world as J
+from balcap_jax.rewards.shapes_world import components as J
 
 TWO = W.WorldConfig(min_objects=2, max_objects=2)
 

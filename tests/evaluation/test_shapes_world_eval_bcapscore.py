@@ -6,7 +6,7 @@ import pytest
 
 from balcap_jax.data import shapes_world as W
 from balcap_jax.evaluation import shapes_world_eval as E
-from balcap_jax.rewards.judges import shapes_world_rating as R
+from balcap_jax.rewards.shapes_world import rating as R
 from balcap_jax.data.shapes_world_grammar import parse_caption
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from balcap_jax.data import shapes_world as W
 from balcap_jax.data.shapes_world_grammar import parse_caption
-from balcap_jax.rewards.judges import shapes_world_rating as R
+from balcap_jax.rewards.shapes_world import rating as R
 
 
 @pytest.mark.parametrize("share, rating", [(0.0, 1), (1.0, 10), (0.5, 5), (0.95, 10), (0.04, 1), (0.3, 4)])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from balcap_jax.rl import advantages as adv
-from balcap_jax.trainer import shaping
+from balcap_jax.rl import shaping
 
 # length ratios rho = len / ref_len of five captions against a 20-token reference
 RATIOS = np.array([0.45, 0.5, 1.8, 2.0, 2.1], np.float32)

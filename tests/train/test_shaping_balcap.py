@@ -1,4 +1,4 @@
-"""trainer/shaping.py on the cases BalCapRL cares about: unscorable components, EOS-only captions, the linear
+"""rl/shaping.py on the cases BalCapRL cares about: unscorable components, EOS-only captions, the linear
 length penalty as METHOD.md defines it, NaN masking, and b-CapScore. Expected values are computed by hand here."""
 
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from balcap_jax.trainer import shaping
+from balcap_jax.rl import shaping
 
 COMPONENTS = ("precision", "recall", "linguistic")
 NAN = float("nan")

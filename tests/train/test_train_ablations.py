@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from balcap_jax.default_config import get_config
-from balcap_jax.trainer.shaping import ShapingConfig
+from balcap_jax.rl.shaping import ShapingConfig
 from tests.train.script_module import script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "ablations.py"

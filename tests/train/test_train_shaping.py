@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from balcap_jax.rl import advantages as adv
-from balcap_jax.trainer import shaping
+from balcap_jax.rl import shaping
 
 COMPONENTS = ("precision", "recall", "linguistic")
 

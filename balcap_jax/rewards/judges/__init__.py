@@ -6,6 +6,8 @@
   wire_images.py        images as HTTP judges get them: downscaled, PNG/JPEG, prepared once per image
   jax_local.py          our own JAX models and sampler in-process (imports JAX; import it explicitly)
   scripted.py           deterministic rule-based answers to our prompts (tests, dry runs)
-  shapes_world.py       exact reward components for the synthetic ShapesWorld (scene graphs, no judge model)
   response_cache.py     the SQLite response cache
 """
+
+# config.rewards.judge.backend: who scores the captions (trainer/judges.py builds the components of each).
+BACKENDS = ("shapes_world", "openai", "jax_local")  # shapes_world: rewards/shapes_world/, exact, no judge model

@@ -26,6 +26,8 @@ from balcap_jax.rl import advantages as adv
 
 Array = jax.Array
 
+ADVANTAGE_KINDS = ("grpo", "gdpo")  # config.advantage.kind
+LENGTH_KINDS = ("mask", "linear", "none")  # config.length.kind
 DEFAULT_GRPO_PARTIAL_NAN = "mean_present"
 B_CAPSCORE_COMPONENTS = ("precision", "recall", "linguistic")
 
@@ -59,15 +61,15 @@ class ShapingConfig:
                 f"config.rewards.weights has {len(self.weights)} entries for {len(self.components)} components "
                 f"{self.components}; give one weight per component"
             )
-        if self.kind not in ("grpo", "gdpo"):
-            raise ValueError(f"config.advantage.kind={self.kind!r}; allowed: 'grpo', 'gdpo'")
+        if self.kind not in ADVANTAGE_KINDS:
+            raise ValueError(f"config.advantage.kind={self.kind!r}; allowed: {list(ADVANTAGE_KINDS)}")
         if self.grpo_partial_nan not in adv.PARTIAL_NAN_MODES:
             raise ValueError(
                 f"config.advantage.partial_nan={self.grpo_partial_nan!r}; allowed: {adv.PARTIAL_NAN_MODES} "
                 f"(use {DEFAULT_GRPO_PARTIAL_NAN!r} so an unscorable component is not read as 0)"
             )
-        if self.length_kind not in ("mask", "linear", "none"):
-            raise ValueError(f"config.length.kind={self.length_kind!r}; allowed: 'mask', 'linear', 'none'")
+        if self.length_kind not in LENGTH_KINDS:
+            raise ValueError(f"config.length.kind={self.length_kind!r}; allowed: {list(LENGTH_KINDS)}")
         if self.length_kind == "mask" and self.length_component not in self.components:
             raise ValueError(
                 f"config.length.component={self.length_component!r} is not a reward component {self.components}"

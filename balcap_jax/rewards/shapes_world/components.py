@@ -19,7 +19,7 @@ Scores (all in [0, 1], exact, deterministic):
               region claim about an object its mention identifies uniquely; a relation by the same relation or
               its mirror ("B right of A" covers "A left of B"); the count by a count claim about all shapes.
   linguistic  as the component scores it by default: clarity, fluency and coherence rated 1-10 like an LLM judge,
-              the mean mapped to [0, 1] (`shapes_world_rating`). `linguistic()` below is the exact continuous
+              the mean mapped to [0, 1] (`rating.py`). `linguistic()` below is the exact continuous
               score (`ShapesWorldLinguistic(scale="exact")`):
               non_repetition × mean over sentences of grammatical × (1 + well_formed) / 2, with the rules of
               `shapes_world_grammar` (G1–G6, well-formedness): an ungrammatical sentence earns 0, a grammatical
@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 from balcap_jax.data import shapes_world as world
 from balcap_jax.data.shapes_world_grammar import Claim, Mention, ParsedCaption, parse_caption
-from balcap_jax.rewards.judges.shapes_world_rating import rated_linguistic
+from balcap_jax.rewards.shapes_world.rating import rated_linguistic
 from balcap_jax.rewards.types import ComponentScore, RewardItem
 
 _MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -333,7 +333,7 @@ LINGUISTIC_SCALES = ("rating", "exact")
 @dataclasses.dataclass(frozen=True)
 class ShapesWorldLinguistic:
     """scale "rating" (the default): clarity, fluency and coherence rated 1-10 like an LLM judge, mean mapped to
-    [0, 1] (`shapes_world_rating`); "exact": the continuous `linguistic` score above."""
+    [0, 1] (`rating.py`); "exact": the continuous `linguistic` score above."""
 
     name: str = "linguistic"
     scale: str = "rating"
