@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from balcap_jax.models.causal_lm import CausalLMHead
 from balcap_jax.models.hf_io import ParamMapping, load_hf_state, read_hf_config
-from balcap_jax.models import layers
-from balcap_jax.models.interface import CacheSpec, KVCache, SequenceInputs
+from balcap_jax.models.interface import KVCache, SequenceInputs
 from balcap_jax.models.layer_stack import layer_stack_prefixes
 from balcap_jax.models.llava.config import HF_LLAMA_DEFAULTS
 from balcap_jax.models.qwen2_5_vl.text import DecoderConfig, TextModel
@@ -63,8 +63,8 @@ def llama_param_mapping(config: DecoderConfig) -> ParamMapping:
     return ParamMapping(ignore_unexpected=tuple(ignore))
 
 
-class LlamaForCausalLM(nnx.Module):
-    """A text-only Llama with the `CausalLM` methods (HF `LlamaForCausalLM`)."""
+class LlamaForCausalLM(CausalLMHead):
+    """A text-only Llama with the `CausalLM` methods (HF `LlamaForCausalLM`); the head is `CausalLMHead`'s."""
 
     def __init__(
         self,
@@ -79,14 +79,11 @@ class LlamaForCausalLM(nnx.Module):
             raise ValueError("LlamaForCausalLM needs a 1-D RoPE DecoderConfig (mrope_section=None)")
         self.config = config
         self.model = TextModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        if not config.tie_word_embeddings:
-            self.lm_head = nnx.Linear(
-                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                rngs=rngs,
-            )
+        self.init_lm_head(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def cache_spec(self) -> CacheSpec:
-        return self.config.cache_spec()
+    @property
+    def text_model(self) -> TextModel:
+        return self.model
 
     def hidden_states(self, inputs: SequenceInputs) -> Array:
         """Training forward: final-norm hidden states [B, T, D]."""
@@ -104,20 +101,6 @@ class LlamaForCausalLM(nnx.Module):
         """tokens int32[B], positions int32[B] -> hidden [B, D] and the cache with one more slot written."""
         chex.assert_rank([tokens, positions], [1, 1])
         return self.model.decode(self.model.embed(tokens), positions, cache)
-
-    def output_embedding(self) -> Array:
-        """The unembedding matrix [D, V]."""
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
-
-    def logits(self, hidden: Array) -> Array:
-        """hidden [..., D] -> fp32 logits [..., V] (products in the compute dtype, accumulated in fp32)."""
-        return layers.unembed_logits(hidden, self.output_embedding())
-
-    def __call__(self, inputs: SequenceInputs) -> Array:
-        """Full forward: fp32 logits [B, T, V]."""
-        return self.logits(self.hidden_states(inputs))
 
 
 def _check_inputs(inputs: SequenceInputs) -> None:

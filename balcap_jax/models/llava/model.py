@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from balcap_jax.models import layers
+from balcap_jax.models.causal_lm import CausalLMHead
 from balcap_jax.models.image_shards import scatter_image_embeddings
-from balcap_jax.models.interface import CacheSpec, KVCache, SequenceInputs
+from balcap_jax.models.interface import KVCache, SequenceInputs
 from balcap_jax.models.llava.clip import CLIPVisionTower
 from balcap_jax.models.llava.config import LlavaConfig
 from balcap_jax.models.llava.projector import LlavaMultiModalProjector
@@ -81,8 +81,8 @@ class LlavaModel(nnx.Module):
         return scatter_image_embeddings(embeds, is_image, runs.reshape(shards, -1, runs.shape[-1]))
 
 
-class LlavaForCausalLM(nnx.Module):
-    """LLaVA-1.5 with the `CausalLM` methods (HF `LlavaForConditionalGeneration`)."""
+class LlavaForCausalLM(CausalLMHead):
+    """LLaVA-1.5 with the `CausalLM` methods (HF `LlavaForConditionalGeneration`); the head is `CausalLMHead`'s."""
 
     def __init__(
         self,
@@ -95,20 +95,10 @@ class LlavaForCausalLM(nnx.Module):
     ):
         self.config = config
         self.model = LlavaModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        if not config.tie_word_embeddings:
-            self.lm_head = nnx.Linear(
-                config.text.hidden_size,
-                config.text.vocab_size,
-                use_bias=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+        # `LlavaConfig` keeps `text.tie_word_embeddings` equal to its own, so the head follows `config`.
+        self.init_lm_head(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     # -- CausalLM -------------------------------------------------------------------------------------------
-
-    def cache_spec(self) -> CacheSpec:
-        return self.config.text.cache_spec()
 
     def hidden_states(self, inputs: SequenceInputs) -> Array:
         """Training forward: final-norm hidden states [B, T, D]."""
@@ -127,20 +117,6 @@ class LlavaForCausalLM(nnx.Module):
         chex.assert_rank([tokens, positions], [1, 1])
         embeds = self.model.language_model.embed(tokens)
         return self.model.language_model.decode(embeds, positions, cache)
-
-    def output_embedding(self) -> Array:
-        """The unembedding matrix [D, V]."""
-        if self.config.tie_word_embeddings:
-            return self.model.language_model.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
-
-    def logits(self, hidden: Array) -> Array:
-        """hidden [..., D] -> fp32 logits [..., V] (products in the compute dtype, accumulated in fp32)."""
-        return layers.unembed_logits(hidden, self.output_embedding())
-
-    def __call__(self, inputs: SequenceInputs) -> Array:
-        """Convenience full forward: fp32 logits [B, T, V]."""
-        return self.logits(self.hidden_states(inputs))
 
 
 def _check_inputs(inputs: SequenceInputs) -> None:

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from balcap_jax.models.causal_lm import CausalLMHead
 from balcap_jax.models.image_shards import scatter_image_embeddings
-from balcap_jax.models.interface import CacheSpec, KVCache, SequenceInputs
+from balcap_jax.models.interface import KVCache, SequenceInputs
 from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from balcap_jax.models.qwen2_5_vl.rope_index import get_rope_index
 from balcap_jax.models.qwen2_5_vl.text import TextModel
@@ -36,8 +37,8 @@ class Qwen2_5_VLModel(nnx.Module):
         self.language_model = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
 
 
-class Qwen2_5_VL(nnx.Module):
-    """The policy model. Implements `interface.CausalLM`."""
+class Qwen2_5_VL(CausalLMHead):
+    """The policy model. Implements `interface.CausalLM` (the head is `CausalLMHead`'s but for `logits`)."""
 
     def __init__(
         self,
@@ -50,16 +51,9 @@ class Qwen2_5_VL(nnx.Module):
     ):
         self.config = config
         self.model = Qwen2_5_VLModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        if not config.text.tie_word_embeddings:
-            self.lm_head = nnx.Linear(
-                config.text.hidden_size, config.text.vocab_size, use_bias=False, dtype=dtype,
-                param_dtype=param_dtype, rngs=rngs,
-            )
+        self.init_lm_head(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     # -- CausalLM --------------------------------------------------------------------------------------------
-
-    def cache_spec(self) -> CacheSpec:
-        return self.config.text.cache_spec()
 
     def image_embeddings(self, vision: dict) -> Array:
         """The vision tower on host-prepared inputs: [M, D] embeddings, real image tokens first ([K, M, D] for
@@ -101,21 +95,16 @@ class Qwen2_5_VL(nnx.Module):
         text = self.model.language_model
         return text.decode(text.embed(tokens), positions, cache)
 
-    def output_embedding(self) -> Array:
-        """[D, V]: lm_head's kernel, or the transposed token embedding when tied."""
-        if self.config.text.tie_word_embeddings:
-            return self.model.language_model.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
-
     def logits(self, hidden: Array) -> Array:
-        """hidden [..., D] -> fp32 logits [..., V]."""
+        """hidden [..., D] -> fp32 logits [..., V]: products in the *unembedding's* dtype, accumulated in fp32.
+
+        Kept apart from `layers.unembed_logits` (which casts the other way) because the two differ whenever the
+        dtypes do, e.g. in the bf16 rollout copy (fp32 norm scale -> fp32 hidden, bf16 unembedding): here the
+        product runs in bf16, there in fp32. Merging them would change this model's rollouts.
+        """
         unembed = self.output_embedding()
         return jnp.einsum("...d,dv->...v", hidden.astype(unembed.dtype), unembed,
                           preferred_element_type=jnp.float32)
-
-    def __call__(self, inputs: SequenceInputs) -> Array:
-        """Full-sequence fp32 logits [B, T, V] (tests and tools; training uses chunked log-probs instead)."""
-        return self.logits(self.hidden_states(inputs))
 
 
 def _check_inputs(inputs: SequenceInputs) -> None:

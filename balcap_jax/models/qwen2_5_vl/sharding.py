@@ -68,48 +68,37 @@ class QwenSharding(RuleShardingMixin):
 
     @classmethod
     def training(cls) -> "QwenSharding":
-        return cls(
-            embed=P(TENSOR, FSDP),
-            lm_head=P(FSDP, TENSOR),
-            attn_in=P(FSDP, TENSOR),
-            attn_in_bias=P(TENSOR),
-            kv_in=P(FSDP, TENSOR),
-            kv_in_bias=P(TENSOR),
-            attn_out=P(TENSOR, FSDP),
-            mlp_in=P(FSDP, TENSOR),
-            mlp_in_bias=P(TENSOR),
-            mlp_out=P(TENSOR, FSDP),
-            vision_patch=P(None, None, None, None, FSDP),
-            vision_in=P(FSDP, None),
-            vision_mlp_in=P(FSDP, TENSOR),
-            vision_mlp_in_bias=P(TENSOR),
-            vision_mlp_out=P(TENSOR, FSDP),
-            batch=P(BATCH_AXES),
-            kv_cache=P(None, BATCH_AXES, None, TENSOR, None),
-        )
+        return cls._split(FSDP, TensorPlan.uniform((TENSOR,)))
 
     @classmethod
     def sampling(cls, plan: TensorPlan | None = None) -> "QwenSharding":
         """No FSDP on weights; the decoder's tensor parallelism as `plan` says (default: every kind over
         `tensor`). The vision tower (run once per prompt batch) is replicated but for its MLP over `tensor`."""
-        plan = plan or TensorPlan.uniform((TENSOR,))
+        return cls._split(None, plan or TensorPlan.uniform((TENSOR,)))
+
+    @classmethod
+    def _split(cls, fsdp: str | None, plan: TensorPlan) -> "QwenSharding":
+        """Both layouts: every matrix over `fsdp` (None: whole) on its model width and over `plan` on its heads /
+        MLP / vocabulary (the vision MLP over `tensor` always); the KV cache's rows over the batch axes its heads
+        leave."""
         heads, kv, mlp, vocab = (spec_entry(a) for a in (plan.heads, plan.kv_heads, plan.mlp, plan.vocab))
         return cls(
-            embed=P(vocab, None),
-            lm_head=P(None, vocab),
-            attn_in=P(None, heads),
+            embed=P(vocab, fsdp),
+            lm_head=P(fsdp, vocab),
+            attn_in=P(fsdp, heads),
             attn_in_bias=P(heads),
-            kv_in=P(None, kv),
+            kv_in=P(fsdp, kv),
             kv_in_bias=P(kv),
-            attn_out=P(heads, None),
-            mlp_in=P(None, mlp),
+            attn_out=P(heads, fsdp),
+            mlp_in=P(fsdp, mlp),
             mlp_in_bias=P(mlp),
-            mlp_out=P(mlp, None),
-            vision_patch=P(),
-            vision_in=P(),
-            vision_mlp_in=P(None, TENSOR),
+            mlp_out=P(mlp, fsdp),
+            # Spelled P() when whole: a spec of Nones means the same but compares unequal.
+            vision_patch=P(None, None, None, None, fsdp) if fsdp else P(),
+            vision_in=P(fsdp, None) if fsdp else P(),
+            vision_mlp_in=P(fsdp, TENSOR),
             vision_mlp_in_bias=P(TENSOR),
-            vision_mlp_out=P(TENSOR, None),
+            vision_mlp_out=P(TENSOR, fsdp),
             batch=P(BATCH_AXES),
             kv_cache=P(None, spec_entry(plan.rows_axes(BATCH_AXES)), None, kv, None),
         )
