@@ -10,7 +10,7 @@ with the same settings:
     masks EOS; ours: no EOS ids), so both do the same work;
   * the same three cheap deterministic reward functions of the caption text (TRL `reward_funcs`; ours
     `RewardComponent`s through the `RewardManager`, giving rewards[P, G, K]);
-  * c-GDPO advantages (TRL `multi_objective_aggregation="normalize_then_sum"`; ours `trainer.shaping` with
+  * c-GDPO advantages (TRL `multi_objective_aggregation="normalize_then_sum"`; ours `rl.shaping` with
     kind="gdpo", unbiased std, eps 1e-4, sample statistics), checked to agree on TRL's own rewards every step;
   * clipped token-level surrogate (eps 0.2, token-mean aggregation = TRL's default "dapo" loss), no KL,
     one update per batch, AdamW (constant lr, no weight decay, grad-norm clip 1.0), fp32 everywhere, no
@@ -86,7 +86,8 @@ from balcap_jax.rewards.manager import RewardManager  # noqa: E402
 from balcap_jax.rewards.types import ComponentScore, RewardItem  # noqa: E402
 from balcap_jax.rl import update as update_lib  # noqa: E402
 from balcap_jax.sampling import Sampler  # noqa: E402
-from balcap_jax.trainer import builders, shaping  # noqa: E402
+from balcap_jax.rl import shaping  # noqa: E402
+from balcap_jax.trainer import builders  # noqa: E402
 from balcap_jax.trainer.rl_step import RLStep  # noqa: E402
 from balcap_jax.trainer.policy import Policy  # noqa: E402
 from balcap_jax import default_config  # noqa: E402
@@ -417,7 +418,7 @@ def build_our_step(model, config: Qwen2_5_VLConfig, tokenizer, image_config: Ima
 @jax.jit
 def c_gdpo_advantages(rewards: jax.Array) -> jax.Array:
     """rewards float32[P, G, K] -> our c-GDPO advantages float32[P, G] (`shaping_config`; the caption lengths
-    `trainer.shaping` takes are unused without length handling)."""
+    `rl.shaping` takes are unused without length handling)."""
     no_lengths = jnp.zeros(rewards.shape[:2], jnp.int32)
     return shaping.advantages(rewards, no_lengths, no_lengths[:, 0], shaping_config())[0]
 

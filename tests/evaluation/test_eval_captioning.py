@@ -100,7 +100,7 @@ def test_workdir_checkpoint_captions_match_the_in_memory_policy_and_resume(tmp_p
 def _tiny_full_vocab_hf_dir(directory):
     """A random Qwen2.5-VL HF directory over the real Qwen vocabulary and tokenizer (what a user's checkpoint
     looks like, at toy size)."""
-    from tests.train.real_path import qwen_hf_dir
+    from tests.trainer.real_path import qwen_hf_dir
 
     return qwen_hf_dir(directory)
 

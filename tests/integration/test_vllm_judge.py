@@ -24,7 +24,7 @@ pytest.importorskip("skimage")
 from balcap_jax import default_config, metrics  # noqa: E402
 from balcap_jax.rewards import score  # noqa: E402
 from balcap_jax.trainer.loop import run  # noqa: E402
-from tests.train import real_path  # noqa: E402
+from tests.trainer import real_path  # noqa: E402
 
 pytestmark = [pytest.mark.real_server, pytest.mark.slow]
 

@@ -15,7 +15,7 @@ from balcap_jax import config as config_lib
 from balcap_jax.checkpoint import Checkpointer
 from balcap_jax.trainer.loop import run
 from balcap_jax.trainer.rl_step import overlap_mode
-from tests.train.test_train_end_to_end import MINI, ROOT, _metrics, _single_device_env, mini_config
+from tests.trainer.test_train_end_to_end import MINI, ROOT, _metrics, _single_device_env, mini_config
 
 
 def overlap_config(data_dir: str, **overrides):

@@ -11,7 +11,7 @@ import pytest
 
 from balcap_jax.rewards.manager import RewardManager
 from balcap_jax.rewards.types import RewardItem
-from tests.train.script_module import script_module
+from tests.experiments.script_module import script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench_rl_step.py"
 

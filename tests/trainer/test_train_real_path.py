@@ -20,7 +20,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("skimage")
 
-from tests.train import real_path  # noqa: E402
+from tests.trainer import real_path  # noqa: E402
 
 # Sizes only: 8 prompts x 2 rollouts of 8 tokens, photographs resized under 64 image tokens, 3 RL steps.
 SIZES = [

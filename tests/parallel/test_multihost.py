@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from tests.infra.test_infra_hf_io import tiny_qwen2
+from tests.models.test_hf_io import tiny_qwen2
 
-WORKER = Path(__file__).with_name("infra_multihost_worker.py")
+WORKER = Path(__file__).with_name("multihost_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -25,7 +25,7 @@ from balcap_jax.parallel import (  # noqa: E402
     make_mesh,
     specs_from_rules,
 )
-from tests.infra.infra_tiny_lm import TRAINING_RULES, abstract_state  # noqa: E402
+from tests.models.tiny_lm import TRAINING_RULES, abstract_state  # noqa: E402
 
 
 def main(process_id: int, port: int, hf_dir: str, out_dir: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from balcap_jax.default_config import get_config
 from balcap_jax.rl.shaping import ShapingConfig
-from tests.train.script_module import script_module
+from tests.experiments.script_module import script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "ablations.py"
 

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from balcap_jax import default_config  # noqa: E402
 from balcap_jax.trainer.loop import run  # noqa: E402
-from tests.train.real_path import llava_hf_dir  # noqa: E402
+from tests.trainer.real_path import llava_hf_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from balcap_jax import config as cfg
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe(name: str = "tiny"):
@@ -55,7 +55,7 @@ def test_every_recipe_in_configs_is_valid():
         sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
         devices = 8 if -1 in sizes else sizes[0] * sizes[1] * sizes[2]
         # Real-model recipes leave the user's weights, data and judge servers unset on purpose (the validator
-        # must name them); nothing else may be wrong. tests/train/test_train_aot_recipes.py validates them filled in.
+        # must name them); nothing else may be wrong. tests/trainer/test_train_aot_recipes.py validates them filled in.
         problems = problems_of(config, device_count=devices, check_paths=False, environ=_AnyVariableSet())
         unexpected = [p for p in problems if not p.startswith(USER_SUPPLIED)]
         assert unexpected == [], name

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.script_module import script_module
+from tests.experiments.script_module import script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench_overlap.py"
 

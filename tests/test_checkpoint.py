@@ -17,10 +17,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from balcap_jax.checkpoint import CheckpointConfig, Checkpointer
 from balcap_jax.parallel import abstract_with_shardings, make_mesh
-from tests.infra.infra_checkpoint_worker import expected_data_state, expected_state
+from tests.checkpoint_worker import expected_data_state, expected_state
 
-WORKER = Path(__file__).with_name("infra_checkpoint_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train_state():

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from balcap_jax.models import hf_io
 from balcap_jax.parallel import abstract_with_shardings, make_mesh, specs_from_rules
 
-from tests.infra.infra_tiny_lm import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, TRAINING_RULES, VOCAB, abstract_state
+from tests.models.tiny_lm import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, TRAINING_RULES, VOCAB, abstract_state
 
 
 def tiny_qwen2(dtype=torch.float32) -> transformers.Qwen2ForCausalLM:
