@@ -214,13 +214,14 @@ def loop_update_lowering(config, workdir: Path):
                                       concat_keys=policy.family.concat_keys, drop_remainder=True)
     batch = next(iter(pipeline_lib.make_dataset(train, processor, cfg)))
     scfg = builders.sampler_config(config, policy)
-    prepared = sampler.prepare_prompts(batches_lib.prompt_inputs(policy, batch), scfg)
+    prepared = sampler.prepare_prompts(batches_lib.prompt_inputs(policy, batch, sampler.layout.mesh), scfg)
     rollout_params = for_sampling(state.params)
     rollout = sampler.decode(rollout_params, sampler.prefill(rollout_params, prepared, scfg), scfg,
                              jax.random.key(0))
     rollout = batches_lib.local_rollout(rollout)
     group = int(config.sampling.group_size)
-    train_batch = build_training_batch(prepared, rollout, group, tile_vision=batches_lib.tile_vision_for(policy, batch))
+    tile = batches_lib.tile_vision_for(policy, batch, mesh, int(config.train.micro_batches))
+    train_batch = build_training_batch(prepared, rollout, group, tile_vision=tile)
     train_batch = {k: (v if k == "vision" else np.asarray(v)) for k, v in train_batch.items()}
     train_batch["advantages"] = np.zeros((int(config.data.prompts_per_batch) * group,), np.float32)
     # The loop runs its programs under the mesh context (the models pin activations to the batch axes only there).
