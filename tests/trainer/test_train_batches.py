@@ -132,3 +132,38 @@ def test_images_in_blocks_of_rows_give_the_log_probs_of_one_block(setup, blocks)
             scores[k] = np.asarray(log_probs(state, jax.tree.map(jnp.asarray, {**train, "vision": vision}))[0])
     mask = np.asarray(train["completion_mask"])
     np.testing.assert_allclose(scores[blocks][mask], scores[1][mask], atol=2e-5)
+
+
+def test_qwen_micro_batches_over_image_blocks_give_the_one_batch_update(setup):
+    """Micro-batches take whole blocks of rows with their images (vision blocks = shards x micro-batches): the
+    accumulated update equals the one-batch update (fp32)."""
+    import optax
+
+    from balcap_jax.rl import update as update_lib
+    from balcap_jax.rl.losses import LossConfig
+    from balcap_jax.rl.policy_logprobs import make_log_prob_fn
+
+    _, policy, batch = setup
+    group = 4
+    text = {k: np.asarray(tile_rows(jnp.asarray(v), group, axis=1 if k == "positions" else 0))
+            for k, v in batches.text_inputs(batch).items()}
+    references = [r[0] for r in batch["references"] for _ in range(group)]
+    rollout = batches.reference_completions(policy, references, text, 24)
+    train = build_training_batch(batches.text_inputs(batch), rollout, group)
+    train["advantages"] = np.linspace(-1.0, 1.0, len(references)).astype(np.float32)
+    graphdef, state = nnx.split(policy.model)
+    log_prob_fn = make_log_prob_fn(graphdef)
+    results = {}
+    for micro in (1, 2, 4):
+        step = update_lib.make_update_step(log_prob_fn, optax.sgd(1.0), LossConfig(), micro_batches=micro,
+                                           donate=False)
+        vision = policy.family.vision_inputs(policy.model_config, batch, group, 2 * micro)  # 2 "shards"
+        full = jax.tree.map(jnp.asarray, {**train, "vision": vision})
+        with jax.default_matmul_precision("highest"):
+            new_state, metrics = step(update_lib.TrainState.create(state, optax.sgd(1.0)), full)
+        results[micro] = (new_state.params, float(metrics["loss"]), float(metrics["grad_norm"]))
+    for micro in (2, 4):
+        assert results[micro][1] == pytest.approx(results[1][1], rel=1e-5, abs=1e-7)
+        assert results[micro][2] == pytest.approx(results[1][2], rel=1e-4)
+        for a, b in zip(jax.tree.leaves(results[micro][0]), jax.tree.leaves(results[1][0])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
