@@ -8,18 +8,11 @@
 Every image is 336 x 336 pixels -> 576 placeholder tokens; Vicuna's context is 4096 tokens.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
 from balcap_jax.default_config import get_config as _default_config
+from balcap_jax.recipes import real_scale
 
-# configs/ is a folder of recipe files, not a package: load the shared real-scale recipe by path.
-_spec = importlib.util.spec_from_file_location("balcap_recipe_qwen7b", pathlib.Path(__file__).with_name("qwen7b.py"))
-_qwen7b = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_qwen7b)
-real_scale = _qwen7b.real_scale
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -6,18 +6,11 @@
       --config.rewards.judge.vlm_url=http://judge:8001/v1 --config.rewards.judge.vlm_model=Qwen2.5-VL-72B-Instruct
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
 from balcap_jax.default_config import get_config as _default_config
+from balcap_jax.recipes import real_scale
 
-# configs/ is a folder of recipe files, not a package: load the shared real-scale recipe by path.
-_spec = importlib.util.spec_from_file_location("balcap_recipe_qwen7b", pathlib.Path(__file__).with_name("qwen7b.py"))
-_qwen7b = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_qwen7b)
-real_scale = _qwen7b.real_scale
 
 
 def get_config() -> ml_collections.ConfigDict:

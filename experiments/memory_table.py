@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -26,22 +25,15 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # deviceless compiles: no accelerator runtime is started
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
 from balcap_jax.tools import aot  # noqa: E402
+from balcap_jax.recipes import load_recipe  # noqa: E402
 from balcap_jax.tools.aot_targets import GIB, parse_target  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 RECIPES = ("qwen3b", "qwen7b", "llava7b")
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def regime(config) -> str:

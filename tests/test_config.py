@@ -1,6 +1,5 @@
 """Config validation: every rule names the field, the value and what is allowed."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,15 +7,13 @@ import ml_collections
 import pytest
 
 from balcap_jax import config as cfg
+from balcap_jax.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe(name: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_recipe(name)
 
 
 def problems_of(config, **kwargs) -> list[str]:

@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sampling",),
     ("rewards",),
     ("rl",),
-    ("config", "default_config", "metrics", "checkpoint"),
+    ("config", "default_config", "recipes", "metrics", "checkpoint"),
     ("trainer",),
     ("evaluation",),
     ("tools",),

@@ -1,23 +1,18 @@
 """Every recipe whose length band the paper states uses it: [0.5, 2.0], masked value 0; the embedded default is
 the multi-object testbed with an imperfect warm start, and the old one-object world stays one config away."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from balcap_jax import default_config
 from balcap_jax.data import shapes_world as W
 from balcap_jax.data import shapes_world_warm_start as S
+from balcap_jax.recipes import load_recipe
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_recipe(name)
 
 
 @pytest.mark.parametrize("name", ["qwen7b", "qwen3b", "llava7b", "tiny"])

@@ -15,7 +15,7 @@ from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from balcap_jax.tools import aot
 from balcap_jax.tools.aot_targets import parse_target
 from tests.models.qwen_fixtures import tiny_qwen_config_dict
-from tests.trainer.test_train_aot_recipes import load_recipe
+from balcap_jax.recipes import load_recipe
 
 
 def tiny_recipe(tmp_path):

@@ -4,7 +4,6 @@ their shapes (model, depth, step) without any weight."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,17 +12,10 @@ import pytest
 from flax import nnx
 
 from balcap_jax import config as config_lib
+from balcap_jax.recipes import load_recipe
 from balcap_jax.tools import aot
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = ("qwen3b", "qwen7b", "llava7b")
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def release_config_json(config) -> dict:
