@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from balcap_jax.models.llama_text import LlamaForCausalLM
