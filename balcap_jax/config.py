@@ -383,15 +383,13 @@ def _vision_bucket_rule(c: Any, env: Environment) -> list[str]:
         return []
     from balcap_jax.models.image_shards import plan_row_shards
     from balcap_jax.models.qwen2_5_vl.vision_host import DEFAULT_PATCH_BUCKETS
-    from balcap_jax.parallel.mesh import DEFAULT_SAMPLING_TENSOR_AXES, MeshShape
+    from balcap_jax.parallel.mesh import tensor_axes_from
 
     try:
-        data, fsdp, _ = MeshShape(*(get_field(c, f"mesh.{a}") for a in ("data", "fsdp", "tensor"))).resolve(
-            env.device_count)
+        data, fsdp, _ = _mesh_sizes(c, env)
     except ValueError:
         return []  # _mesh_rule reports it
-    raw = get_field(c, "mesh.sampling_tensor_axes", None)
-    tensor_axes = DEFAULT_SAMPLING_TENSOR_AXES if raw is None else (raw,) if isinstance(raw, str) else tuple(raw)
+    tensor_axes = tensor_axes_from(get_field(c, "mesh.sampling_tensor_axes", None))
     rollout_shards = (1 if "data" in tensor_axes else data) * (1 if "fsdp" in tensor_axes else fsdp)
     per_image = max_patches_per_image(int(get_field(c, "data.max_pixels")))
     largest = DEFAULT_PATCH_BUCKETS[-1]
@@ -464,12 +462,16 @@ def _pixels_rule(c: Any, env: Environment) -> list[str]:
     return problems
 
 
-def _mesh_rule(c: Any, env: Environment) -> list[str]:
+def _mesh_sizes(c: Any, env: Environment) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) of `config.mesh` on this environment's devices; ValueError when they do not fit."""
     from balcap_jax.parallel.mesh import MeshShape
 
-    shape = MeshShape(*(get_field(c, f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")))
+    return MeshShape(*(get_field(c, f"mesh.{axis}") for axis in ("data", "fsdp", "tensor"))).resolve(env.device_count)
+
+
+def _mesh_rule(c: Any, env: Environment) -> list[str]:
     try:
-        data, fsdp, _ = shape.resolve(env.device_count)
+        data, fsdp, _ = _mesh_sizes(c, env)
     except ValueError as error:
         return [f"config.mesh: {error}"]
     shards = data * fsdp

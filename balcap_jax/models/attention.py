@@ -243,6 +243,17 @@ def _even_lengths(q: Array, k: Array, v: Array, q_ids: Array | None, kv_ids: Arr
             _pad_axis(kv_ids, 1, s, never))
 
 
+def ambient_batch_axes(size: int) -> tuple[str, ...] | None:
+    """The ambient mesh's batch axes (those of size > 1) when they divide a leading axis of `size`, else None (no
+    mesh, or a size that cannot be split: the work then runs whole on every device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    return axes if axes and size % shards == 0 else None
+
+
 def _shard_over_batch(fn, arrays: tuple[Array, ...], heads: tuple[int, int]):
     """Run `fn(*arrays)` per batch (and head) shard under the ambient mesh, as a `shard_map`.
 
@@ -253,15 +264,11 @@ def _shard_over_batch(fn, arrays: tuple[Array, ...], heads: tuple[int, int]):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return fn(*arrays)
-    batch_axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    shards = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
-    if shards > 1 and arrays[0].shape[0] % shards:
-        batch_axes = ()
+    rows = ambient_batch_axes(arrays[0].shape[0])
     head_axis = None
     if _HEAD_AXIS in mesh.axis_names and mesh.shape[_HEAD_AXIS] > 1 and not heads[1] % mesh.shape[_HEAD_AXIS]:
         head_axis = _HEAD_AXIS
     P = jax.sharding.PartitionSpec
-    rows = batch_axes or None
     qkv = P(rows, None, head_axis, None)
     specs = tuple(qkv if i < 3 else (None if a is None else P(rows, None)) for i, a in enumerate(arrays))
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*arrays)

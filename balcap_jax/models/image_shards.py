@@ -3,9 +3,9 @@
 A batch of B rows is cut into K equal blocks of consecutive rows (K = the mesh's batch shards, times the update's
 micro-batches). Block k's vision inputs hold the images of exactly the prompts its rows belong to, each image
 once however many of the block's rows repeat it (the G rollouts of a prompt), and every array of the vision
-pytree gains a leading axis K that is sharded like the rows. The tower then runs per block (`map_over_shards`),
-so a device encodes its own rows' images and nothing else, and the embeddings reach their rows without leaving
-the device (`scatter_image_embeddings` per block).
+pytree gains a leading axis K that is sharded like the rows. The towers keep that axis through every op
+(attention folds it into its batch), so a device encodes its own rows' images and nothing else, and the
+embeddings reach their rows without leaving the device (`scatter_image_embeddings` per block).
 
 Host side (numpy): `plan_row_shards` says which prompts, and how many rows of each, a block holds; the model
 families build each block's arrays from it (`qwen2_5_vl.vision_host.prepare_sharded_vision_inputs`,
@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from balcap_jax.models.attention import ambient_batch_axes
+
 Array = jax.Array
 
 IMAGES_PER_SHARD = "images_per_shard"
-BATCH_AXES = ("data", "fsdp")  # parallel.mesh.BATCH_AXES (models do not import parallel/)
 
 
 def is_sharded(vision: Mapping[str, Any] | None) -> bool:
@@ -63,17 +64,6 @@ def plan_row_shards(num_prompts: int, rows_per_prompt: int, shards: int) -> list
         ends = np.minimum(np.arange(first + 1, stop + 1) * rows_per_prompt, hi)
         plan.append(RowShard(first, stop, (ends - starts).astype(np.int64)))
     return plan
-
-
-def ambient_batch_axes(size: int) -> tuple[str, ...] | None:
-    """The ambient mesh's batch axes (those of size > 1) when they divide `size`, else None (no mesh, or a size
-    that cannot be split: then the work runs whole on every device)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    return axes if axes and size % shards == 0 else None
 
 
 def map_over_shards(fn: Callable[[Any], Array], inputs: Any) -> Array:

@@ -87,8 +87,8 @@ def row_blocks(mesh: Mesh | None, rows: int, *, micro_batches: int = 1) -> int:
     the micro-batches. Falls back to fewer blocks (down to one) when the rows do not divide; the arrays built
     per block are then gathered or replicated where needed (`global_rows`)."""
     shards = 1 if mesh is None else max(batch_size_divisor(mesh) // jax.process_count(), 1)
-    for blocks in (shards * micro_batches, micro_batches, 1):
-        if blocks and rows % blocks == 0:
+    for blocks in (shards * micro_batches, micro_batches):
+        if rows % blocks == 0:
             return blocks
     return 1
 

@@ -31,6 +31,13 @@ FILL = -1  # an axis size of -1 takes whatever the other axes leave of the devic
 LAYOUT_FIELDS: tuple[str, ...] = ("sampling_tensor_axes",)
 DEFAULT_SAMPLING_TENSOR_AXES: tuple[str, ...] = (FSDP, TENSOR)  # config.mesh.sampling_tensor_axes when unset
 
+
+def tensor_axes_from(raw: Any) -> tuple[str, ...]:
+    """`config.mesh.sampling_tensor_axes` as written (None: the default; one name: that axis) -> a tuple."""
+    if raw is None:
+        return DEFAULT_SAMPLING_TENSOR_AXES
+    return (raw,) if isinstance(raw, str) else tuple(raw)
+
 _log = logging.getLogger(__name__)
 
 

@@ -345,13 +345,8 @@ class Sampler:
 
         out = {name: jax.tree.map(lambda x, n=name: place(n, x), value) for name, value in prompts.items()
                if name != "vision"}
-        vision = prompts.get("vision")
-        if vision is None or _is_global(vision):
-            out["vision"] = vision
-        elif image_shards.is_sharded(vision) and shard:
-            out["vision"] = hosts.global_blocks(vision, mesh, sharding=self.layout.sharding)
-        else:
-            out["vision"] = hosts.replicated(jax.tree.map(np.asarray, vision), mesh)
+        if prompts.get("vision") is not None:
+            out["vision"] = place_vision(prompts["vision"], mesh, sharding=self.layout.sharding)
         return out
 
     # -- the two stages ---------------------------------------------------------------------------------------
@@ -395,6 +390,13 @@ class Sampler:
         return self.decode(state, start, config, key)
 
 
-def _is_global(tree: Any) -> bool:
-    """Whether every leaf is already a global array (placed by the caller on some mesh)."""
-    return all(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree))
+def place_vision(vision: Any, mesh: Mesh, sharding: Any = None) -> Any:
+    """Host vision inputs -> global arrays on `mesh`: blocks of rows (`image_shards.is_sharded`) split like the
+    rows (`hosts.global_blocks`; `sharding(ndim)` for a layout's own batch axes; replicated when the blocks do
+    not divide over them), flat inputs replicated (every process must then hold the same ones). Inputs already
+    global pass through."""
+    if all(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(vision)):
+        return vision
+    if image_shards.is_sharded(vision):
+        return hosts.global_blocks(vision, mesh, sharding=sharding)
+    return hosts.replicated(jax.tree.map(np.asarray, vision), mesh)

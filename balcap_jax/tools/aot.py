@@ -263,9 +263,9 @@ def _replicated(mesh: Mesh, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeS
 
 def vision_structs(policy: Policy, shapes: StepShapes, mesh: Mesh, *, repeats: int, micro_batches: int = 1,
                    sharding: Any = None) -> dict[str, Any]:
-    """The vision inputs of the step's P prompts (each prompt's `repeats` rows) as `placement.place_vision` /
-    `Sampler._place` put them: one block of rows per batch shard of `mesh` x micro-batch (`hosts.row_blocks`),
-    each holding its prompts' images once, padded to the bucket of its largest images (Qwen) or its most crops
+    """The vision inputs of the step's P prompts (each prompt's `repeats` rows) as `sampling.sampler.place_vision`
+    puts them for the update and the rollouts: one block of rows per batch shard of `mesh` x micro-batch
+    (`hosts.row_blocks`), each holding its prompts' images once, padded to the bucket of its largest images (Qwen) or its most crops
     (LLaVA); blocks split over the batch axes (`sharding(ndim)`, default `_rows`), replicated when they do not
     divide over them."""
     rows = shapes.prompts * repeats
@@ -323,7 +323,7 @@ def update_batch_structs(policy: Policy, shapes: StepShapes, mesh: Mesh, micro_b
 
 def prompt_structs(policy: Policy, shapes: StepShapes, mesh: Mesh, sampler: Sampler) -> dict[str, Any]:
     """The sampler's prefill input as `Sampler._place` lays it out: P prompt rows split over the batch axes when
-    P divides them, replicated otherwise (e.g. 16 prompts on a 32-chip FSDP mesh); vision replicated."""
+    P divides them, replicated otherwise (e.g. 16 prompts on a 32-chip FSDP mesh); vision in blocks of rows."""
     p, t = shapes.prompts, shapes.prompt_length
     sharded = p % sampler.layout.num_shards == 0
     place = (lambda shape, dtype: _rows(mesh, shape, dtype)) if sharded else (
@@ -332,8 +332,7 @@ def prompt_structs(policy: Policy, shapes: StepShapes, mesh: Mesh, sampler: Samp
         "input_ids": place((p, t), jnp.int32),
         "attention_mask": place((p, t), bool),
         "positions": _positions(policy, p, t, mesh, sharded=sharded),
-        "vision": vision_structs(policy, shapes, mesh, repeats=1, sharding=sampler.layout.sharding if sharded else
-                                 lambda ndim: NamedSharding(mesh, P())),
+        "vision": vision_structs(policy, shapes, mesh, repeats=1, sharding=sampler.layout.sharding),
     }
 
 

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from balcap_jax.models import image_shards
 from balcap_jax.parallel import hosts
+from balcap_jax.sampling.sampler import place_vision
 from balcap_jax.trainer import rollout_weights
 
 # Batch keys whose batch axis is not the leading one.
@@ -40,15 +40,6 @@ def place_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
         value = np.asarray(value)
         out[key] = hosts.global_rows(value, mesh, batch_axis=_batch_axis(key, value))
     return out
-
-
-def place_vision(vision: Any, mesh: Mesh, sharding: Any = None) -> Any:
-    """Host vision inputs -> global arrays: blocks of rows (`image_shards.is_sharded`) split like the rows
-    (`hosts.global_blocks`, `sharding(ndim)` for another layout's batch axes), flat inputs replicated (then every
-    process must hold the same ones)."""
-    if image_shards.is_sharded(vision):
-        return hosts.global_blocks(vision, mesh, sharding=sharding)
-    return hosts.replicated(jax.tree.map(np.asarray, vision), mesh)
 
 
 def param_shardings(family: Any, params: Any, mesh: Mesh, layout: str) -> Any:

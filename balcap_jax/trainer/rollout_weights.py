@@ -31,10 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from balcap_jax.parallel.mesh import DEFAULT_SAMPLING_TENSOR_AXES, MESH_AXES, sampling_mesh, tp_axis
+from balcap_jax.parallel.mesh import DEFAULT_SAMPLING_TENSOR_AXES, MESH_AXES, sampling_mesh, tensor_axes_from, tp_axis
 from balcap_jax.parallel.sharding import TensorPlan, dividing_axes, map_with_names
 
-DEFAULT_TENSOR_AXES = DEFAULT_SAMPLING_TENSOR_AXES
 # Parameters the model casts to its compute dtype at use (Linear kernels, embeddings): stored in that dtype
 # they give bit-identical rollouts. Others (norm scales, biases) enter arithmetic in their own dtype.
 _CAST_SUFFIXES = (".kernel", ".embedding")
@@ -44,12 +43,12 @@ def sampling_tensor_axes(config: Any) -> tuple[str, ...]:
     """`config.mesh.sampling_tensor_axes` (default ("fsdp", "tensor")), checked against the mesh axes."""
     mesh_config = config.mesh
     raw = mesh_config.get("sampling_tensor_axes", None) if hasattr(mesh_config, "get") else None
-    axes = DEFAULT_TENSOR_AXES if raw is None else ((raw,) if isinstance(raw, str) else tuple(raw))
+    axes = tensor_axes_from(raw)
     unknown = [a for a in axes if a not in MESH_AXES]
     if unknown or len(set(axes)) != len(axes):
         raise ValueError(
             f"config.mesh.sampling_tensor_axes={tuple(axes)!r}: give distinct mesh axes from {list(MESH_AXES)}, "
-            f"e.g. {DEFAULT_TENSOR_AXES!r} (or ('tensor',) to keep the rollout copy whole over fsdp)"
+            f"e.g. {DEFAULT_SAMPLING_TENSOR_AXES!r} (or ('tensor',) to keep the rollout copy whole over fsdp)"
         )
     return axes
 

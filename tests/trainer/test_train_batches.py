@@ -108,6 +108,15 @@ def test_training_batch_from_a_rollout_lines_up_with_the_policy_log_probs(setup)
     np.testing.assert_allclose(np.asarray(logprobs)[mask], np.asarray(direct)[mask], atol=1e-4)
 
 
+def _group_batch(policy, batch, group: int, new_tokens: int) -> dict:
+    """The update batch (without vision) of each prompt's reference caption as G = `group` identical rollouts."""
+    text = {k: np.asarray(tile_rows(jnp.asarray(v), group, axis=1 if k == "positions" else 0))
+            for k, v in batches.text_inputs(batch).items()}
+    references = [r[0] for r in batch["references"] for _ in range(group)]
+    rollout = batches.reference_completions(policy, references, text, new_tokens)
+    return build_training_batch(batches.text_inputs(batch), rollout, group)
+
+
 @pytest.mark.parametrize("blocks", [2, 3, 6])
 def test_images_in_blocks_of_rows_give_the_log_probs_of_one_block(setup, blocks):
     """The update batch's images laid out per block of rows (2 prompts x G=3 rows: whole groups per block, a group
@@ -116,11 +125,7 @@ def test_images_in_blocks_of_rows_give_the_log_probs_of_one_block(setup, blocks)
     from balcap_jax.rl.policy_logprobs import make_log_prob_fn
 
     group = 3
-    text = {k: np.asarray(tile_rows(jnp.asarray(v), group, axis=1 if k == "positions" else 0))
-            for k, v in batches.text_inputs(batch).items()}
-    references = [r[0] for r in batch["references"] for _ in range(group)]
-    rollout = batches.reference_completions(policy, references, text, 40)
-    train = build_training_batch(batches.text_inputs(batch), rollout, group)
+    train = _group_batch(policy, batch, group, 40)
     family = policy.family
     graphdef, state = nnx.split(policy.model)
     log_probs = jax.jit(make_log_prob_fn(graphdef))
@@ -145,12 +150,8 @@ def test_qwen_micro_batches_over_image_blocks_give_the_one_batch_update(setup):
 
     _, policy, batch = setup
     group = 4
-    text = {k: np.asarray(tile_rows(jnp.asarray(v), group, axis=1 if k == "positions" else 0))
-            for k, v in batches.text_inputs(batch).items()}
-    references = [r[0] for r in batch["references"] for _ in range(group)]
-    rollout = batches.reference_completions(policy, references, text, 24)
-    train = build_training_batch(batches.text_inputs(batch), rollout, group)
-    train["advantages"] = np.linspace(-1.0, 1.0, len(references)).astype(np.float32)
+    train = _group_batch(policy, batch, group, 24)
+    train["advantages"] = np.linspace(-1.0, 1.0, len(train["input_ids"])).astype(np.float32)
     graphdef, state = nnx.split(policy.model)
     log_prob_fn = make_log_prob_fn(graphdef)
     results = {}
