@@ -48,7 +48,7 @@ setup(
     description="BalCapRL: RL fine-tuning of Qwen2.5-VL / LLaVA-1.5 captioners in JAX",
     python_requires=">=3.11",
     packages=find_packages(include=["balcap_jax", "balcap_jax.*"]),
-    package_data={"balcap_jax": ["rewards/prompts/*.txt", "evaluation/prompts/*.txt"]},
+    package_data={"balcap_jax": ["rewards/prompts/*.txt", "evaluation/prompts/*.txt", "assets/*.npz", "assets/*.json"]},
     install_requires=RUNTIME,
     extras_require={"test": TEST, "experiments": EXPERIMENTS, "aot-tpu": AOT_TPU, "aot-gpu": AOT_GPU},
 )

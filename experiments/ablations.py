@@ -27,9 +27,14 @@ Each table ends with the paper's claims as paired comparisons over seeds (per-se
 bootstrap 95 % CI, `experiments/paired_stats.py`): "tie" unless the CI excludes 0, no verdict below 5 seeds, and
 each claim marked reproduced / not reproduced / reversed.
 
-Full grid (the default recipe's 1800 SFT + 300 RL steps, 5 seeds; hours on 2 CPU cores):
+Full grid (the default recipe's budget: the shipped warm start + 800 RL steps, 5 seeds; many hours on 2 CPU cores):
 
-    python experiments/ablations.py run --studies=advantage,length,band,lambda,utility,components --seeds=0,1,2,3,4
+    python experiments/ablations.py run --studies=advantage,length,band,lambda,utility,components --seeds=0,1,2,3,4 \
+        --rl_steps=800
+
+With `--sft_steps=0` (the default) every seed starts from the recipe's shipped warm start, so the seeds vary the RL
+phase (sampling, data order) and the verbose start is that warm start fitted `VERBOSE_FINE_TUNE_STEPS` more steps
+to the verbose targets; `--sft_steps=N` trains both starts from random weights per seed instead.
 
 Tables only, from finished runs:
 
@@ -155,6 +160,9 @@ def study_variants(study: str) -> list[Variant]:
 
 
 LAMBDAS = (0.01, 0.1, 1.0)
+# Steps of SFT on the verbose targets that turn the shipped warm start into the verbose one (a sweep with sft_steps
+# > 0 trains both starts from scratch for sft_steps instead).
+VERBOSE_FINE_TUNE_STEPS = 300
 STUDIES = ("advantage", "length", "components", "band", "lambda", "utility")
 
 
@@ -177,18 +185,29 @@ def apply_overrides(config: Any, overrides: Mapping[str, Any] | Sequence[tuple[s
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """The run budget shared by every run of a sweep (recorded in each result, printed in each table)."""
+    """The run budget shared by every run of a sweep (recorded in each result, printed in each table).
+
+    sft_steps = 0: the reference start is the recipe's own warm start (`config.train.init_from`, the shipped asset),
+    shared by every seed, so the seeds vary the RL phase only (sampling, data order); the verbose start is that warm
+    start fitted `verbose_sft_steps` more steps to the verbose targets."""
 
     seeds: tuple[int, ...]
     sft_steps: int
     rl_steps: int
+    verbose_sft_steps: int = VERBOSE_FINE_TUNE_STEPS
 
     def __post_init__(self):
-        if len(self.seeds) < 1 or self.sft_steps < 1 or self.rl_steps < 1:
-            raise ValueError(f"Grid needs >= 1 seed, sft_steps >= 1 and rl_steps >= 1; got {self}")
+        if len(self.seeds) < 1 or self.sft_steps < 0 or self.rl_steps < 1 or self.verbose_sft_steps < 1:
+            raise ValueError(f"Grid needs >= 1 seed, sft_steps >= 0, rl_steps >= 1 and verbose_sft_steps >= 1; "
+                             f"got {self}")
 
-    def is_full(self, default_sft: int = 1500, default_rl: int = 300) -> bool:
-        return len(self.seeds) >= 3 and self.sft_steps >= default_sft and self.rl_steps >= default_rl
+    def start_steps(self, start: str) -> int:
+        """SFT steps of a warm start (0: the recipe's init as it is)."""
+        return self.sft_steps if start == "reference" or self.sft_steps else self.verbose_sft_steps
+
+    def is_full(self, default_sft: int = 0, default_rl: int = 800) -> bool:
+        """The default recipe's budget (it starts from the shipped warm start: 0 SFT steps) on >= 5 seeds."""
+        return len(self.seeds) >= 5 and self.sft_steps >= default_sft and self.rl_steps >= default_rl
 
 
 def run_config(base: Any, grid: Grid, seed: int, overrides: Sequence[tuple[str, Any]], *, rl_steps: int,
@@ -319,16 +338,21 @@ class Runner:
 
         return jax.devices()[:1]
 
-    def warm_start(self, seed: int, start: str) -> tuple[Path, dict[str, Any]]:
-        """-> (SFT workdir, its result: held-out scores of the warm start)."""
-        workdir = self.root / f"sft_{start}_s{seed}_n{self.grid.sft_steps}"
+    def warm_start(self, seed: int, start: str) -> tuple[Path | None, dict[str, Any] | None]:
+        """-> (SFT workdir, its result: held-out scores of the warm start); (None, None) when the start is the
+        recipe's init as it is (sft_steps 0, reference start): the RL run then scores it before RL."""
+        steps = self.grid.start_steps(start)
+        if steps == 0:
+            return None, None
+        workdir = self.root / f"sft_{start}_s{seed}_n{steps}"
         result_path = workdir / RESULT_FILE
         if result_path.is_file():
             return workdir, json.loads(result_path.read_text())
         from balcap_jax.trainer.loop import run
 
         records = self.records(seed)["reference" if start == "reference" else "verbose_sft"]
-        config = run_config(self.base, self.grid, seed, [], rl_steps=0, records_dir=records)
+        config = run_config(self.base, self.grid, seed, [("train.sft_steps", steps)], rl_steps=0,
+                            records_dir=records)
         if workdir.exists():  # an SFT run killed half-way resumes from its last checkpoint
             self.echo(f"resuming SFT warm start {workdir.name}")
         begin = time.perf_counter()
@@ -348,30 +372,53 @@ class Runner:
         sft_dir, sft_result = self.warm_start(seed, variant.start)
         if workdir.exists():  # a half-finished variant restarts from the warm start: it is short
             shutil.rmtree(workdir)
-        shutil.copytree(sft_dir, workdir, ignore=shutil.ignore_patterns(RESULT_FILE))
+        if sft_dir is not None:
+            shutil.copytree(sft_dir, workdir, ignore=shutil.ignore_patterns(RESULT_FILE))
+        sft_steps = self.grid.start_steps(variant.start)
         records = self.records(seed)["reference" if variant.start == "reference" else "verbose_rl"]
-        config = run_config(self.base, self.grid, seed, variant.overrides, rl_steps=self.grid.rl_steps,
-                            records_dir=records)
+        config = run_config(self.base, self.grid, seed, [("train.sft_steps", sft_steps), *variant.overrides],
+                            rl_steps=self.grid.rl_steps, records_dir=records)
         self.echo(f"== {variant.key} seed={seed}")
         begin = time.perf_counter()
         summary = run(config, workdir, echo=self.echo, devices=self._devices())
         seconds = time.perf_counter() - begin
         eval_end = dict(summary.eval_end)
         if variant.components != COMPONENTS:  # judge the final policy on every component, like the other variants
-            full = run_config(self.base, self.grid, seed, [], rl_steps=self.grid.rl_steps, records_dir=records)
+            full = run_config(self.base, self.grid, seed, [("train.sft_steps", sft_steps)],
+                              rl_steps=self.grid.rl_steps, records_dir=records)
             eval_end = dict(run(full, workdir, echo=self.echo, devices=self._devices()).eval_end)
+        if sft_result is None:  # the init itself: scored by this run before its first RL step (full judge)
+            sft_result = {"eval_end": self._full_eval_start(summary, variant, seed, records),
+                          "eval_length_ratio": eval_length_ratio(workdir, sft_steps)}
         result = {
             "variant": variant.key, "label": variant.label, "start": variant.start, "seed": seed,
-            "sft_steps": self.grid.sft_steps, "rl_steps": self.grid.rl_steps, "overrides": dict(variant.overrides),
+            "sft_steps": sft_steps, "rl_steps": self.grid.rl_steps, "overrides": dict(variant.overrides),
             "rl_seconds": seconds, "warm_start": sft_result["eval_end"],
             "warm_start_length_ratio": sft_result["eval_length_ratio"],
             "eval_end": eval_end, "eval_length_ratio": eval_length_ratio(workdir, summary.final_step),
-            "curves": curves_from_metrics(read_metrics(workdir, self.grid.sft_steps), self.grid.sft_steps),
+            "curves": curves_from_metrics(read_metrics(workdir, sft_steps), sft_steps),
         }
         result_path.write_text(json.dumps(result, indent=1))
         self.echo(f"== {variant.key} seed={seed} done in {seconds:.0f}s: " +
                   " ".join(f"{k}={v:.3f}" for k, v in eval_end.items()))
         return result
+
+    def _full_eval_start(self, summary: Any, variant: Variant, seed: int, records: str) -> dict[str, float]:
+        """The init's held-out scores on all three components: the run's own pre-RL evaluation when it used the
+        full judge, else one evaluation-only run of the init (no RL steps) in a scratch directory."""
+        if variant.components == COMPONENTS:
+            return dict(summary.eval_start)
+        from balcap_jax.trainer.loop import run
+
+        scratch = self.root / f"init_eval_s{seed}"
+        result_path = scratch / RESULT_FILE
+        if not result_path.is_file():
+            shutil.rmtree(scratch, ignore_errors=True)
+            config = run_config(self.base, self.grid, seed, [("train.sft_steps", 0)], rl_steps=0, records_dir=records)
+            result_path.parent.mkdir(parents=True, exist_ok=True)
+            scores = dict(run(config, scratch, echo=self.echo, devices=self._devices()).eval_end)
+            result_path.write_text(json.dumps(scores))
+        return json.loads(result_path.read_text())
 
 
 def curves_from_metrics(rows: Sequence[Mapping[str, Any]], sft_steps: int) -> dict[str, list[float]]:
@@ -557,12 +604,17 @@ def study_claims(study: str, results, seeds: Sequence[int]) -> list[str]:
 def study_markdown(study: str, results, grid: Grid, command: str) -> str:
     seeds = grid.seeds
     rows = study_rows(study, results, seeds)
-    reduced = "" if grid.is_full() else " — REDUCED GRID (the default recipe is 1800 SFT + 300 RL steps; ≥ 5 seeds for a CI verdict)"
+    reduced = "" if grid.is_full() else (" — REDUCED GRID (the default recipe is the shipped warm start + 800 RL "
+                                         "steps; ≥ 5 seeds for a CI verdict)")
+    start = ("every seed starts from the shipped warm start (`balcap_jax/assets/shapes_world_warm_start`), so seeds "
+             "vary the RL phase; the verbose start is it fitted "
+             f"{grid.verbose_sft_steps} more SFT steps to verbose targets" if grid.sft_steps == 0 else
+             f"per seed, {grid.sft_steps} SFT steps from random weights for each warm start")
     lines = [
         f"# Ablation: {STUDY_TITLES[study]}",
         "",
         f"ShapesWorld testbed (1-2 objects with relations, warm start fitted to imperfect captions), tiny Qwen2.5-VL-architecture policy, exact offline judge. "
-        f"**{grid.sft_steps} SFT + {grid.rl_steps} RL steps, seeds {list(seeds)}**{reduced}. "
+        f"**{grid.sft_steps} SFT + {grid.rl_steps} RL steps, seeds {list(seeds)}**{reduced}; {start}. "
         "Held-out images (64 per seed), greedy captions, every variant scored on all three components; "
         "mean ± std over seeds (n = seeds finished). `length ratio`: words of the caption / words of the reference "
         "on the first 8 held-out captions. All other settings are the embedded default recipe.",
@@ -603,7 +655,7 @@ def study_markdown(study: str, results, grid: Grid, command: str) -> str:
         lines += ["Full grid (the default recipe's step budget, 5 seeds; ~20 RL variants x 5 seeds on 2 CPU cores "
                   "take many hours):", "",
                   "    python experiments/ablations.py run --studies=advantage,length,band,lambda,utility,components "
-                  "--seeds=0,1,2,3,4 --sft_steps=1800 --rl_steps=300", ""]
+                  "--seeds=0,1,2,3,4 --rl_steps=800", ""]
     return "\n".join(lines)
 
 
@@ -701,8 +753,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("command", choices=("run", "report"), help="run the sweep (then report), or only report")
     parser.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated subset of {STUDIES}")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (>= 5 for a CI verdict)")
-    parser.add_argument("--sft_steps", type=int, default=1500)
+    parser.add_argument("--sft_steps", type=int, default=0,
+                        help="0: every run starts from the recipe's shipped warm start (config.train.init_from)")
     parser.add_argument("--rl_steps", type=int, default=300)
+    parser.add_argument("--starts", default=",".join(STARTS),
+                        help=f"comma-separated subset of {STARTS}: the warm starts whose variants run")
     parser.add_argument("--workdir", default="/tmp/balcap_ablations", help="run directories (large; not committed)")
     parser.add_argument("--results_dir", default=str(DEFAULT_RESULTS_DIR))
     args = parser.parse_args(list(argv))
@@ -710,6 +765,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     unknown = [s for s in args.studies if s not in STUDIES]
     if unknown:
         parser.error(f"--studies has unknown {unknown}; allowed: {STUDIES}")
+    args.starts = tuple(s for s in args.starts.split(",") if s)
+    if not args.starts or any(s not in STARTS for s in args.starts):
+        parser.error(f"--starts={','.join(args.starts)!r}; allowed: a comma-separated subset of {STARTS}")
     try:
         args.seeds = tuple(int(s) for s in args.seeds.split(",") if s)
     except ValueError:
@@ -718,8 +776,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def regenerate_command(args: argparse.Namespace) -> str:
+    starts = "" if tuple(args.starts) == STARTS else f" --starts={','.join(args.starts)}"
     return (f"python experiments/ablations.py run --studies={','.join(args.studies)} "
-            f"--seeds={','.join(map(str, args.seeds))} --sft_steps={args.sft_steps} --rl_steps={args.rl_steps}")
+            f"--seeds={','.join(map(str, args.seeds))} --sft_steps={args.sft_steps} --rl_steps={args.rl_steps}"
+            + starts)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -740,7 +800,7 @@ def main(argv: Sequence[str]) -> None:
         runner = Runner(root, grid, get_config(), echo=lambda s: print(s, flush=True))
         # Seeds inside studies: the first study finishes on every seed before the next one starts.
         for study in args.studies:
-            for variant in study_variants(study):
+            for variant in (v for v in study_variants(study) if v.start in args.starts):
                 for seed in grid.seeds:
                     runner.rl_run(variant, seed)
                     write_reports(root, grid, args.studies, results_dir, command)

@@ -111,6 +111,8 @@ def test_batch_must_divide_over_the_mesh_and_hosts():
     assert any("config.train.micro_batches=16" in p for p in problems_of(config, device_count=8))
     config.train.micro_batches = 1
     config.train.sft_batch_size = 12
+    assert problems_of(config, device_count=8) == []  # no SFT phase (the default starts from its warm start)
+    config.train.sft_steps = 10
     assert problems_of(config, device_count=8) == [
         "config.train.sft_batch_size=12 is not divisible by the 8 batch shards of the mesh; use a multiple of 8"
     ]

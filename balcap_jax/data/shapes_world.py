@@ -449,11 +449,21 @@ class ShapesWorldExample:
         return {"scene_graph": self.scene.to_dict(), "questions": list(self.questions)}
 
 
-def generate_example(seed: int, index: int, config: WorldConfig = WorldConfig()) -> ShapesWorldExample:
-    """Example `index` of the world with `seed`; a pure function of (seed, index, config)."""
+def _scene_and_references(seed: int, index: int, config: WorldConfig
+                          ) -> tuple[np.random.Generator, SceneGraph, list[str]]:
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng, config)
-    refs = reference_captions(scene, rng, config.num_references, config.include_relations)
+    return rng, scene, reference_captions(scene, rng, config.num_references, config.include_relations)
+
+
+def example_references(seed: int, index: int, config: WorldConfig = WorldConfig()) -> tuple[str, ...]:
+    """The reference captions of example `index` without rendering its image (a corpus for vocabularies)."""
+    return tuple(_scene_and_references(seed, index, config)[2])
+
+
+def generate_example(seed: int, index: int, config: WorldConfig = WorldConfig()) -> ShapesWorldExample:
+    """Example `index` of the world with `seed`; a pure function of (seed, index, config)."""
+    rng, scene, refs = _scene_and_references(seed, index, config)
     questions = multiple_choice_questions(scene, rng, config.num_questions)
     return ShapesWorldExample(
         image_id=f"shapes-{seed}-{index:07d}",

@@ -6,8 +6,9 @@ Two files with one stem: `<stem>.npz` holds every leaf of the policy's NNX state
 and how the file was made (command, seed, steps, git commit). `config.train.init_from` names either file or the
 stem; a relative path is read against the package (`balcap_jax/`), so a pip install finds the shipped asset.
 
-The vocabulary and every leaf's shape and dtype must match the freshly built policy exactly: a warm start built
-for another world or another model size would load silently wrong rows, so a mismatch is an error naming the field.
+Every leaf's shape and dtype must match the freshly built policy exactly: a warm start built for another model size
+would load silently wrong weights, so a mismatch is an error naming the field. The vocabulary may differ: the
+embedding rows are carried over by Qwen token id (a run on fewer training scenes has a subset of the same tokens).
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def read_metadata(init_from: str) -> dict[str, Any]:
 
 def load_into(state: Any, vocab: VocabSubset | None, init_from: str) -> Any:
     """`state` (the fresh policy's NNX state, any layout) with every leaf replaced by the warm start's (host numpy
-    arrays of the same shape and dtype; the caller places them). Raises ValueError naming `config.train.init_from`
-    when the vocabulary subset, the set of leaves or a leaf's shape/dtype differ."""
+    arrays of the same shape and dtype; the caller places them). A different vocabulary subset is mapped token by
+    token (`vocab_rows`). Raises ValueError naming `config.train.init_from` when the set of leaves or a leaf's
+    shape/dtype differ."""
     npz_path, meta_path = resolve(init_from)
     meta = json.loads(meta_path.read_text())
     if vocab is None:
@@ -113,16 +115,7 @@ def load_into(state: Any, vocab: VocabSubset | None, init_from: str) -> Any:
             f"{_FIELD}={init_from!r} is a warm start of a from-scratch policy (compact vocabulary), but this run "
             "loads config.model.hf_dir; set one of them to ''"
         )
-    saved_ids = np.asarray(meta.get("vocab_tokenizer_ids", []), np.int64)
-    ours = vocab.tokenizer_ids[1:]
-    if saved_ids.shape != ours.shape or not np.array_equal(saved_ids, ours):
-        extra, missing = np.setdiff1d(saved_ids, ours).size, np.setdiff1d(ours, saved_ids).size
-        raise ValueError(
-            f"{_FIELD}={init_from!r}: its vocabulary subset ({saved_ids.size} ids) differs from this run's "
-            f"({ours.size} ids; {missing} only here, {extra} only in the file): the embedding rows would mean other "
-            "tokens. The subset comes from the world's corpus and prompt (config.data.shapes_world, "
-            "config.data.prompt): rebuild the warm start for this config or set it to ''"
-        )
+    saved_vocab = VocabSubset(np.concatenate([[-1], np.asarray(meta.get("vocab_tokenizer_ids", []), np.int64)]))
     with np.load(npz_path) as data:
         saved = {k: data[k] for k in data.files}
     fresh = _flat(state)
@@ -132,7 +125,11 @@ def load_into(state: Any, vocab: VocabSubset | None, init_from: str) -> Any:
             f"{_FIELD}={init_from!r} does not match the model: leaves only in the file {only_file[:3]}, only in the "
             f"model {only_model[:3]}; the warm start was built for another architecture (config.model)"
         )
+    rows = vocab_rows(saved_vocab, vocab)
     for key, leaf in fresh.items():
+        axis = _vocab_axis(key)
+        if rows is not None and axis is not None:
+            saved[key] = _remap_rows(saved[key], np.asarray(leaf), rows, axis)
         if tuple(saved[key].shape) != tuple(leaf.shape) or np.dtype(saved[key].dtype) != np.dtype(leaf.dtype):
             raise ValueError(
                 f"{_FIELD}={init_from!r} does not match the model at {key}: file {saved[key].shape} "
@@ -141,3 +138,34 @@ def load_into(state: Any, vocab: VocabSubset | None, init_from: str) -> Any:
             )
     # _flat walks the leaves in tree order, so its keys line up with the treedef's leaves.
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), [saved[k] for k in fresh])
+
+
+# Leaves indexed by the compact vocabulary, and the axis that is: the input embedding's rows, an untied head's columns.
+_VOCAB_AXES = (("embed_tokens/embedding", 0), ("lm_head/kernel", -1), ("lm_head/bias", 0))
+
+
+def _vocab_axis(key: str) -> int | None:
+    return next((axis for suffix, axis in _VOCAB_AXES if key.endswith(suffix)), None)
+
+
+def vocab_rows(saved: VocabSubset, ours: VocabSubset) -> np.ndarray | None:
+    """int64[V'_ours]: for each of this run's compact ids, the warm start's compact id of the same Qwen token (-1
+    where the warm start never had that token); None when the two subsets are identical.
+
+    A ShapesWorld corpus is drawn from a closed grammar, so a run with fewer or other training scenes
+    (`config.data.shapes_world.num_train`) sees a subset of the same tokens; their rows carry over by token, and a
+    token the warm start never saw keeps its fresh initialisation (no trained row exists for it)."""
+    if saved.size == ours.size and np.array_equal(saved.tokenizer_ids, ours.tokenizer_ids):
+        return None
+    mapped = saved.from_tokenizer(ours.tokenizer_ids).astype(np.int64)
+    mapped[(mapped == saved.unk_id) & (np.arange(ours.size) != ours.unk_id)] = -1
+    return mapped
+
+
+def _remap_rows(saved: np.ndarray, fresh: np.ndarray, rows: np.ndarray, axis: int) -> np.ndarray:
+    """`fresh` with its slices along `axis` replaced by `saved`'s slices `rows` (kept where rows == -1)."""
+    saved, fresh = np.moveaxis(saved, axis, 0), np.moveaxis(fresh, axis, 0)
+    if saved.shape[1:] != fresh.shape[1:]:
+        return np.moveaxis(saved, 0, axis)  # another width: the shape check names it
+    out = np.where((rows >= 0)[(slice(None),) + (None,) * (fresh.ndim - 1)], saved[np.maximum(rows, 0)], fresh)
+    return np.moveaxis(out.astype(saved.dtype), 0, axis)

@@ -79,7 +79,7 @@ def test_parse_args_validates(abl):
     args = abl.parse_args(["run", "--studies=length,advantage", "--seeds=3,4,5", "--rl_steps=50"])
     assert args.studies == ("length", "advantage") and args.seeds == (3, 4, 5)
     assert abl.regenerate_command(args) == (
-        "python experiments/ablations.py run --studies=length,advantage --seeds=3,4,5 --sft_steps=1500 --rl_steps=50")
+        "python experiments/ablations.py run --studies=length,advantage --seeds=3,4,5 --sft_steps=0 --rl_steps=50")
     for bad in (["run", "--studies=lenght"], ["report", "--seeds=a,b"]):
         with pytest.raises(SystemExit):
             abl.parse_args(bad)
@@ -242,9 +242,25 @@ def test_write_reports_tables_findings_and_plots(abl, tmp_path):
 
 
 def test_full_grid_is_not_labelled_reduced(abl):
-    assert abl.Grid((0, 1, 2), 1500, 300).is_full()
-    assert not abl.Grid((0, 1), 1500, 300).is_full()
-    assert not abl.Grid((0, 1, 2), 800, 60).is_full()
+    assert abl.Grid((0, 1, 2, 3, 4), 0, 800).is_full()
+    assert not abl.Grid((0, 1, 2), 0, 800).is_full()
+    assert not abl.Grid((0, 1, 2, 3, 4), 0, 300).is_full()
+
+
+def test_a_shipped_start_grid_trains_only_the_verbose_start(abl):
+    """sft_steps 0: the reference start is the recipe's init (no SFT run), the verbose one a short fine-tune of it;
+    sft_steps > 0 trains both from scratch for that many steps."""
+    shipped = abl.Grid((0,), 0, 300, verbose_sft_steps=40)
+    assert (shipped.start_steps("reference"), shipped.start_steps("verbose")) == (0, 40)
+    scratch = abl.Grid((0,), 500, 300)
+    assert (scratch.start_steps("reference"), scratch.start_steps("verbose")) == (500, 500)
+    with pytest.raises(ValueError, match="verbose_sft_steps"):
+        abl.Grid((0,), 0, 1, verbose_sft_steps=0)
+    args = abl.parse_args(["run", "--starts=reference", "--rl_steps=300"])
+    assert args.starts == ("reference",) and args.sft_steps == 0
+    assert abl.regenerate_command(args).endswith("--sft_steps=0 --rl_steps=300 --starts=reference")
+    with pytest.raises(SystemExit):
+        abl.parse_args(["run", "--starts=fancy"])
 
 
 def test_curve_window_mean_reads_the_tail_or_the_head(abl):

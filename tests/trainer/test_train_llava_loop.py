@@ -23,6 +23,7 @@ def test_llava_policy_trains_end_to_end_and_exports(llava_dir, tmp_path):
     config = default_config.get_config()
     config.model.name = "llava"
     config.model.hf_dir = str(llava_dir)
+    config.train.init_from = ""  # the shipped warm start is a from-scratch Qwen policy's
     config.data.records_dir = str(tmp_path / "data")
     config.data.shapes_world.num_train = 16
     config.data.shapes_world.num_eval = 8

@@ -56,11 +56,53 @@ def test_round_trip_replaces_every_leaf(tmp_path):
     assert record["leaves"]["proj/kernel"] == [[4, 3], "float32"]
 
 
-def test_a_different_vocabulary_is_refused(tmp_path):
-    warm_start.save(tmp_path / "ws", _state(1), VOCAB, {})
-    other = VocabSubset.from_corpus([[11, 5, 8]], always=[151645])
-    with pytest.raises(ValueError, match=r"config\.train\.init_from.*vocabulary subset.*1 only here, 1 only in"):
-        warm_start.load_into(_state(2), other, str(tmp_path / "ws"))
+def _embedding_state(vocab: VocabSubset, seed: int, width: int = 3):
+    """An NNX state shaped like a policy's vocabulary-indexed leaves: embed_tokens [V', D], lm_head [D, V']."""
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.embed_tokens = nnx.Embed(vocab.size, width, rngs=rngs)
+            self.lm_head = nnx.Linear(width, vocab.size, rngs=rngs)
+
+    return nnx.split(Model(nnx.Rngs(seed)))[1]
+
+
+def _flat_numpy(state) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in warm_start._flat(state).items()}
+
+
+def test_a_different_vocabulary_is_mapped_token_by_token(tmp_path):
+    """Rows follow the Qwen token id: shared tokens keep the warm start's trained rows wherever their compact ids
+    moved, a token only this run has keeps its fresh row, and the unk row carries over."""
+    saved_vocab = VocabSubset.from_corpus([[11, 5, 7]], always=[151645])  # compact: unk, 5, 7, 11, 151645
+    ours = VocabSubset.from_corpus([[11, 6, 5]], always=[151645])  # compact: unk, 5, 6, 11, 151645
+    trained, fresh = _embedding_state(saved_vocab, 1), _embedding_state(ours, 2)
+    warm_start.save(tmp_path / "ws", trained, saved_vocab, {})
+    loaded = _flat_numpy(warm_start.load_into(fresh, ours, str(tmp_path / "ws")))
+    t, f = _flat_numpy(trained), _flat_numpy(fresh)
+    rows = warm_start.vocab_rows(saved_vocab, ours)
+    np.testing.assert_array_equal(rows, [0, 1, -1, 3, 4])
+    emb, head = "embed_tokens/embedding", "lm_head/kernel"
+    for ours_id, saved_id in ((0, 0), (1, 1), (3, 3), (4, 4)):
+        np.testing.assert_array_equal(loaded[emb][ours_id], t[emb][saved_id])
+        np.testing.assert_array_equal(loaded[head][:, ours_id], t[head][:, saved_id])
+        np.testing.assert_array_equal(loaded["lm_head/bias"][ours_id], t["lm_head/bias"][saved_id])
+    np.testing.assert_array_equal(loaded[emb][2], f[emb][2])  # token 6: never seen by the warm start
+    np.testing.assert_array_equal(loaded[head][:, 2], f[head][:, 2])
+    assert warm_start.vocab_rows(saved_vocab, saved_vocab) is None
+    # A smaller corpus (fewer scenes) is a subset: every row is a trained one.
+    subset = VocabSubset.from_corpus([[5, 11]], always=[151645])
+    np.testing.assert_array_equal(warm_start.vocab_rows(saved_vocab, subset), [0, 1, 3, 4])
+    small = _flat_numpy(warm_start.load_into(_embedding_state(subset, 3), subset, str(tmp_path / "ws")))
+    np.testing.assert_array_equal(small[emb], t[emb][[0, 1, 3, 4]])
+
+
+def test_another_embedding_width_is_refused(tmp_path):
+    vocab = VocabSubset.from_corpus([[11, 5, 7]], always=[151645])
+    warm_start.save(tmp_path / "ws", _embedding_state(vocab, 1, width=3), vocab, {})
+    other = VocabSubset.from_corpus([[11, 6, 5]], always=[151645])
+    with pytest.raises(ValueError, match=r"config\.train\.init_from.*embed_tokens/embedding"):
+        warm_start.load_into(_embedding_state(other, 2, width=4), other, str(tmp_path / "ws"))
 
 
 def test_another_architecture_is_refused(tmp_path):
