@@ -573,6 +573,7 @@ def study_findings(study: str, results, seeds: Sequence[int]) -> list[str]:
     return lines
 
 
+TRAIN_LENGTH = "train length ratio"  # a claim metric read from the training curves, not the held-out scores
 # The paper's claims per study: (key of a, key of b, label a, label b, metric, expected sign of a - b).
 CLAIMS: dict[str, list[tuple[str, str, str, str, str, int]]] = {
     "advantage": [("gdpo_mask", "grpo_mask", "c-GDPO", "GRPO", m, +1) for m in ("b_capscore", "total")],
@@ -586,19 +587,52 @@ CLAIMS: dict[str, list[tuple[str, str, str, str, str, int]]] = {
              for lo, hi in ((0.5, 1.5), (0.75, 1.25))],
     "lambda": [("gdpo_mask", f"gdpo_linear_{coef}", "mask", f"linear λ={coef}", "b_capscore", +1) for coef in LAMBDAS],
     "utility": [("gdpo_mask", "only_caprl_qa", "balanced reward", "QA utility only", "b_capscore", +1),
-                ("gdpo_mask", "only_caprl_qa", "balanced reward", "QA utility only", "precision", +1)],
+                ("gdpo_mask", "only_caprl_qa", "balanced reward", "QA utility only", "precision", +1),
+                # the paper: a utility-only reward makes captions longer
+                ("gdpo_mask", "only_caprl_qa", "balanced reward", "QA utility only", TRAIN_LENGTH, -1)],
 }
+def _claim_values(results, key: str, metric: str, seeds: Sequence[int]) -> dict[int, float]:
+    return _per_seed_length(results, key, seeds) if metric == TRAIN_LENGTH else _per_seed(results, key, metric, seeds)
 
 
 def study_claims(study: str, results, seeds: Sequence[int]) -> list[str]:
     """One line per paper claim of the study: the paired CI sentence and reproduced / not reproduced / reversed."""
     lines = []
     for key_a, key_b, name_a, name_b, metric, sign in CLAIMS.get(study, []):
-        comparison = paired_stats.compare(_per_seed(results, key_a, metric, seeds),
-                                          _per_seed(results, key_b, metric, seeds))
+        comparison = paired_stats.compare(_claim_values(results, key_a, metric, seeds),
+                                          _claim_values(results, key_b, metric, seeds))
         outcome = paired_stats.claim_outcome(comparison, sign)
         lines.append(comparison.sentence(name_a, name_b, metric)[:-1] + f" — claim {outcome}.")
     return lines
+
+
+def claims_markdown(studies: Sequence[str], results, grid: Grid, command: str) -> str:
+    """Every paper claim of `studies` in one table: the paired mean a − b, its bootstrap 95 % CI, the seeds and
+    the outcome (computed from the finished runs; a claim with no finished pair is listed as such)."""
+    lines = [
+        "# The paper's claims on ShapesWorld",
+        "",
+        f"{grid.sft_steps} SFT + {grid.rl_steps} RL steps, seeds {list(grid.seeds)}; per-seed paired differences, "
+        f"percentile-bootstrap 95 % CI (`experiments/paired_stats.py`); \"reproduced\" only when the CI excludes 0 "
+        f"on the claimed side, no verdict below {paired_stats.MIN_SEEDS} seeds. Details per study: "
+        "`ablation_<study>.md`.",
+        "",
+        "| study | claim | metric | a − b | 95 % CI | seeds | outcome |",
+        "|---|---|---|---:|---|---:|---|",
+    ]
+    for study in studies:
+        for key_a, key_b, name_a, name_b, metric, sign in CLAIMS.get(study, []):
+            comparison = paired_stats.compare(_claim_values(results, key_a, metric, grid.seeds),
+                                              _claim_values(results, key_b, metric, grid.seeds))
+            claim = f"{name_a} {'>' if sign > 0 else '<'} {name_b}"
+            if comparison.n == 0:
+                lines.append(f"| {study} | {claim} | {metric} | — | — | 0 | not run |")
+                continue
+            outcome = paired_stats.claim_outcome(comparison, sign)
+            lines.append(f"| {study} | {claim} | {metric} | {comparison.mean:+.3f} | "
+                         f"[{comparison.ci_low:+.3f}, {comparison.ci_high:+.3f}] | {comparison.n} | {outcome} |")
+    lines += ["", "Regenerate:", "", f"    {command}", ""]
+    return "\n".join(lines)
 
 
 def study_markdown(study: str, results, grid: Grid, command: str) -> str:
@@ -741,7 +775,9 @@ def write_reports(root: Path, grid: Grid, studies: Sequence[str], results_dir: P
         png = results_dir / f"ablation_{study}.png"
         plot_study(study, results, grid, png)
         written += [md, js, png]
-    return written
+    claims = results_dir / "ablation_claims.md"
+    claims.write_text(claims_markdown(studies, results, grid, command))
+    return written + [claims]
 
 
 # ---------------------------------------------------------------------------------------------------------------

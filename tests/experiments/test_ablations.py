@@ -214,7 +214,8 @@ def test_write_reports_tables_findings_and_plots(abl, tmp_path):
     out = tmp_path / "results"
     written = abl.write_reports(tmp_path, grid, ["advantage", "components"], out, "CMD")
     assert sorted(p.name for p in written) == sorted(
-        f"ablation_{s}.{e}" for s in ("advantage", "components") for e in ("md", "json", "png"))
+        [f"ablation_{s}.{e}" for s in ("advantage", "components") for e in ("md", "json", "png")]
+        + ["ablation_claims.md"])
     for path in written:
         assert path.stat().st_size > 0
     assert (out / "ablation_advantage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -235,6 +236,10 @@ def test_write_reports_tables_findings_and_plots(abl, tmp_path):
     rows = {r["variant"]: r for r in data["rows"]}
     assert rows["grpo_mask"]["total_mean_std"] == pytest.approx([0.41, 0.01])
     assert rows["gdpo_mask"]["length_ratio"] == pytest.approx([1.0, 1.1, 1.2])
+
+    claims = (out / "ablation_claims.md").read_text()
+    assert "| advantage | c-GDPO > GRPO | total | +0.200 | [+0.200, +0.200] | 3 | not reproduced |" in claims
+    assert "| components | all three > precision + recall (no mask) | b_capscore | — | — | 0 | not run |" in claims
 
     components_md = (out / "ablation_components.md").read_text()
     assert "| precision + recall (no mask) | 0 | — |" in components_md  # not run yet: shown, not invented

@@ -63,3 +63,15 @@ def test_every_claim_names_variants_of_its_study(abl):
         keys = {v.key for v in abl.study_variants(study)}
         for key_a, key_b, *_ in claims:
             assert key_a in keys and key_b in keys, (study, key_a, key_b)
+
+
+def test_the_utility_claim_on_length_reads_the_training_curves(abl):
+    """"QA utility only makes captions longer" is a claim on the train length ratio (balanced − QA < 0)."""
+    def run(ratio):
+        return {"eval_end": {}, "curves": {"length/ratio_mean": [ratio] * abl.CURVE_WINDOW}}
+
+    results = {("gdpo_mask", s): run(1.0 + 0.01 * s) for s in range(5)}
+    results.update({("only_caprl_qa", s): run(1.6 + 0.02 * s) for s in range(5)})
+    line = [x for x in abl.study_claims("utility", results, range(5)) if abl.TRAIN_LENGTH in x][0]
+    assert line.startswith("- balanced reward − QA utility only (train length ratio): -0.620")
+    assert line.endswith("QA utility only higher — claim reproduced.")
