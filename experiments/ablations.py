@@ -33,7 +33,7 @@ Full grid (the default recipe's budget: the shipped warm start + 800 RL steps, 5
         --rl_steps=800
 
 With `--sft_steps=0` (the default) every seed starts from the recipe's shipped warm start, so the seeds vary the RL
-phase (sampling, data order) and the verbose start is that warm start fitted `VERBOSE_FINE_TUNE_STEPS` more steps
+phase (the world seed s draws, sampling, data order) and the verbose start is that warm start fitted `VERBOSE_FINE_TUNE_STEPS` more steps
 to the verbose targets; `--sft_steps=N` trains both starts from random weights per seed instead.
 
 Tables only, from finished runs:
@@ -188,7 +188,7 @@ class Grid:
     """The run budget shared by every run of a sweep (recorded in each result, printed in each table).
 
     sft_steps = 0: the reference start is the recipe's own warm start (`config.train.init_from`, the shipped asset),
-    shared by every seed, so the seeds vary the RL phase only (sampling, data order); the verbose start is that warm
+    shared by every seed, so the seeds vary the RL phase (the world seed s draws, sampling, data order); the verbose start is that warm
     start fitted `verbose_sft_steps` more steps to the verbose targets."""
 
     seeds: tuple[int, ...]
@@ -641,7 +641,7 @@ def study_markdown(study: str, results, grid: Grid, command: str) -> str:
     reduced = "" if grid.is_full() else (" — REDUCED GRID (the default recipe is the shipped warm start + 800 RL "
                                          "steps; ≥ 5 seeds for a CI verdict)")
     start = ("every seed starts from the shipped warm start (`balcap_jax/assets/shapes_world_warm_start`), so seeds "
-             "vary the RL phase; the verbose start is it fitted "
+             "vary the RL phase (world, sampling, data order); the verbose start is it fitted "
              f"{grid.verbose_sft_steps} more SFT steps to verbose targets" if grid.sft_steps == 0 else
              f"per seed, {grid.sft_steps} SFT steps from random weights for each warm start")
     lines = [
