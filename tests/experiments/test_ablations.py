@@ -98,8 +98,8 @@ REFS = [
 
 def test_verbose_reference_restates_without_the_count_sentence(abl):
     verbose = abl.verbose_reference(REFS)
-    assert verbose == REFS[0] + " In the bottom middle, there is a large yellow circle."
-    assert 1.5 < len(verbose.split()) / len(REFS[0].split()) < 2.0
+    assert verbose == REFS[0] + " In the bottom middle, there is a large yellow circle. A large yellow circle sits in the bottom middle."
+    assert len(verbose.split()) / len(REFS[0].split()) > 2.0  # above the paper's band: the mask binds
     with pytest.raises(ValueError, match=">= 2 references"):
         abl.verbose_reference(REFS[:1])
     with pytest.raises(ValueError, match="no sentence after"):
@@ -282,3 +282,37 @@ def test_collapsed_flags_the_count_sentence_scores(abl):
     assert not abl.collapsed({"precision": 1.0, "recall": 0.5})
     assert not abl.collapsed({"precision": 0.6, "recall": 0.25})
     assert not abl.collapsed({"recall": 0.25})  # a run without a precision score is never called collapsed
+
+
+def test_runner_gives_the_verbose_start_its_token_budget_and_runs_only_chosen_variants(abl, tmp_path, monkeypatch):
+    """The verbose start's fine-tune and its RL runs get START_OVERRIDES (room for ~120-token targets); the
+    reference start keeps the recipe's budget. `--variants` picks variants of the studies and refuses others."""
+    import types
+
+    from balcap_jax.trainer import loop
+
+    seen: list[tuple[str, int, int]] = []
+
+    def fake_run(config, workdir, **_):
+        seen.append((Path(workdir).name, int(config.sampling.max_new_tokens), int(config.train.rl_steps)))
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        scores = {"precision": 0.5, "recall": 0.5, "linguistic": 0.5, "total": 0.5, "b_capscore": 0.5}
+        return types.SimpleNamespace(final_step=0, eval_end=scores, eval_start=scores, stopped_early=False)
+
+    monkeypatch.setattr(loop, "run", fake_run)
+    monkeypatch.setattr(abl, "read_metrics", lambda *_: [])
+    monkeypatch.setattr(abl, "_summary_dict", lambda summary: {"eval_end": summary.eval_end})
+    runner = abl.Runner(tmp_path, abl.Grid((0,), 0, 3, verbose_sft_steps=2), get_config(), echo=lambda _: None)
+    runner._records[0] = {k: str(tmp_path / k) for k in ("reference", "verbose_sft", "verbose_rl")}
+    length = {v.key: v for v in abl.study_variants("length")}
+    runner.rl_run(length["gdpo_linear_verbose"], 0)
+    runner.rl_run(length["gdpo_linear"], 0)
+    budget = dict(abl.START_OVERRIDES["verbose"])["sampling.max_new_tokens"]
+    assert budget > get_config().sampling.max_new_tokens
+    assert seen == [("sft_verbose_s0_n2", budget, 0), ("rl_gdpo_linear_verbose_s0_n0_3", budget, 3),
+                    ("rl_gdpo_linear_s0_n0_3", get_config().sampling.max_new_tokens, 3)]
+
+    args = abl.parse_args(["run", "--studies=components", "--variants=only_precision+recall"])
+    assert args.variants == ("only_precision+recall",)
+    with pytest.raises(SystemExit):
+        abl.parse_args(["run", "--studies=advantage", "--variants=only_precision+recall"])
