@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import itertools
 import json
 import logging
@@ -340,7 +341,11 @@ class Runner:
 
     def records(self, seed: int) -> dict[str, str]:
         if seed not in self._records:
-            self._records[seed] = prepare_records(apply_overrides(self.base, [("seed", seed)]), self.root)
+            # Sweeps over disjoint variants may run side by side on one workdir: one process builds a seed's
+            # records while the others wait, then find them built.
+            with open(self.root / f"records_s{seed}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._records[seed] = prepare_records(apply_overrides(self.base, [("seed", seed)]), self.root)
         return self._records[seed]
 
     def _devices(self):

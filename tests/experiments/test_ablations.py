@@ -316,3 +316,25 @@ def test_runner_gives_the_verbose_start_its_token_budget_and_runs_only_chosen_va
     assert args.variants == ("only_precision+recall",)
     with pytest.raises(SystemExit):
         abl.parse_args(["run", "--studies=advantage", "--variants=only_precision+recall"])
+
+
+def test_runner_builds_a_seeds_records_under_a_lock(abl, tmp_path, monkeypatch):
+    """Side-by-side sweeps on one workdir: a seed's records are built while holding `records_s<seed>.lock`, so a
+    second process waits instead of racing the first's dataset build."""
+    import fcntl
+
+    held = []
+
+    def fake_prepare(config, root):
+        with open(root / f"records_s{config.seed}.lock", "w") as other:  # another open file: as another process
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return {"reference": "r"}
+
+    monkeypatch.setattr(abl, "prepare_records", fake_prepare)
+    runner = abl.Runner(tmp_path, abl.Grid((7,), 0, 3), get_config(), echo=lambda _: None)
+    assert runner.records(7) == {"reference": "r"} and runner.records(7) == {"reference": "r"}
+    assert held == [True]  # built once, under the lock
