@@ -136,6 +136,7 @@ def study_variants(study: str) -> list[Variant]:
             variants += [
                 BASELINE if start == "reference" else
                 _variant("gdpo_mask" + suffix, "mask (verbose start)", start, advantage__kind="gdpo", length__kind="mask"),
+                LINEAR if start == "reference" else
                 _variant("gdpo_linear" + suffix, f"linear penalty ({start} start)", start, advantage__kind="gdpo", length__kind="linear"),
                 _variant("gdpo_none" + suffix, f"none ({start} start)", start, advantage__kind="gdpo", length__kind="none"),
             ]
@@ -150,10 +151,7 @@ def study_variants(study: str) -> list[Variant]:
         ] + [_variant("gdpo_mask_nan", "mask [0.5, 2.0], masked value NaN", advantage__kind="gdpo",
                       length__kind="mask", length__masked_value=float("nan"))]
     if study == "lambda":
-        return [BASELINE] + [
-            _variant(f"gdpo_linear_{coef}", f"linear penalty λ={coef}", advantage__kind="gdpo", length__kind="linear",
-                     length__coef=coef) for coef in LAMBDAS
-        ]
+        return [BASELINE] + [lambda_variant(coef) for coef in LAMBDAS]
     if study == "utility":
         return [BASELINE, _variant("only_caprl_qa", "CapRL QA utility only (no mask)", advantage__kind="gdpo",
                                    rewards__components=("caprl_qa",), rewards__weights=(1.0,), length__kind="none")]
@@ -161,6 +159,19 @@ def study_variants(study: str) -> list[Variant]:
 
 
 LAMBDAS = (0.01, 0.1, 1.0)
+DEFAULT_LAMBDA = 0.01  # the recipe's length.coef (a test holds them equal)
+# The linear penalty at the recipe's λ from the reference start: one variant (one set of runs) for the length and
+# λ studies, whose configs would otherwise be equal under two keys and run twice.
+LINEAR = _variant("gdpo_linear", f"linear penalty (reference start, λ={DEFAULT_LAMBDA})", advantage__kind="gdpo",
+                  length__kind="linear")
+
+
+def lambda_variant(coef: float) -> Variant:
+    """The linear penalty at λ = coef from the reference start (`LINEAR` at the recipe's λ)."""
+    if coef == DEFAULT_LAMBDA:
+        return LINEAR
+    return _variant(f"gdpo_linear_{coef}", f"linear penalty λ={coef}", advantage__kind="gdpo", length__kind="linear",
+                    length__coef=coef)
 # Steps of SFT on the verbose targets that turn the shipped warm start into the verbose one (a sweep with sft_steps
 # > 0 trains both starts from scratch for sft_steps instead).
 VERBOSE_FINE_TUNE_STEPS = 300
@@ -601,7 +612,7 @@ CLAIMS: dict[str, list[tuple[str, str, str, str, str, int]]] = {
                    for s in itertools.combinations(COMPONENTS, 2)],
     "band": [("gdpo_mask", f"gdpo_mask_band_{lo}_{hi}", "[0.5, 2.0]", f"[{lo}, {hi}]", "b_capscore", +1)
              for lo, hi in ((0.5, 1.5), (0.75, 1.25))],
-    "lambda": [("gdpo_mask", f"gdpo_linear_{coef}", "mask", f"linear λ={coef}", "b_capscore", +1) for coef in LAMBDAS],
+    "lambda": [("gdpo_mask", lambda_variant(coef).key, "mask", f"linear λ={coef}", "b_capscore", +1) for coef in LAMBDAS],
     "utility": [("gdpo_mask", "only_caprl_qa", "balanced reward", "QA utility only", "b_capscore", +1),
                 ("gdpo_mask", "only_caprl_qa", "balanced reward", "QA utility only", "precision", +1),
                 # the paper: a utility-only reward makes captions longer

@@ -33,8 +33,12 @@ def test_band_study_keeps_the_old_bands_and_nan_masking_as_named_variants(abl):
     assert bands["gdpo_mask_band_0.5_1.5"]["length.ratio_max"] == 1.5
     assert bands["gdpo_mask_band_0.75_1.25"]["length.ratio_min"] == 0.75
     assert math.isnan(bands["gdpo_mask_nan"]["length.masked_value"])
-    coefs = [dict(v.overrides).get("length.coef") for v in abl.study_variants("lambda")[1:]]
-    assert coefs == list(abl.LAMBDAS)
+    default = get_config().length.coef
+    lambdas = abl.study_variants("lambda")[1:]
+    assert [dict(v.overrides).get("length.coef", default) for v in lambdas] == list(abl.LAMBDAS)
+    # The recipe's λ is the length study's linear run, not a second copy of it under another key.
+    assert abl.DEFAULT_LAMBDA == default and abl.lambda_variant(default) is abl.LINEAR
+    assert abl.LINEAR in abl.study_variants("length") and abl.LINEAR.start == "reference"
 
 
 def _results(per_variant: dict[str, list[float]], metric: str) -> dict:
