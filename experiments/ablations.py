@@ -607,7 +607,10 @@ CLAIMS: dict[str, list[tuple[str, str, str, str, str, int]]] = {
     "length": [("gdpo_mask" + sfx, other + sfx, f"mask [{start}]", f"{name} [{start}]", m, +1)
                for sfx, start in (("", "reference start"), ("_verbose", "verbose start"))
                for other, name in (("gdpo_linear", "linear penalty"), ("gdpo_none", "no length handling"))
-               for m in ("b_capscore", "total")],
+               for m in ("b_capscore", "total")]
+              # the paper: with no length handling captions ended shorter than the base model's
+              + [("gdpo_mask_verbose", "gdpo_none_verbose", "mask [verbose start]", "no length handling [verbose start]",
+                  TRAIN_LENGTH, +1)],
     "components": [("gdpo_mask", component_variant(s).key, "all three", component_variant(s).label, "b_capscore", +1)
                    for s in itertools.combinations(COMPONENTS, 2)],
     "band": [("gdpo_mask", f"gdpo_mask_band_{lo}_{hi}", "[0.5, 2.0]", f"[{lo}, {hi}]", "b_capscore", +1)
