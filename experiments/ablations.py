@@ -172,6 +172,8 @@ def lambda_variant(coef: float) -> Variant:
         return LINEAR
     return _variant(f"gdpo_linear_{coef}", f"linear penalty λ={coef}", advantage__kind="gdpo", length__kind="linear",
                     length__coef=coef)
+
+
 # Steps of SFT on the verbose targets that turn the shipped warm start into the verbose one (a sweep with sft_steps
 # > 0 trains both starts from scratch for sft_steps instead).
 VERBOSE_FINE_TUNE_STEPS = 300
