@@ -331,6 +331,7 @@ class StepOutput:
     phases: dict[str, float]
     rewards: np.ndarray
     lengths: np.ndarray
+    prompt_tokens: int  # the prompt bucket the step ran at (the update trains on it + the completion columns)
 
 
 @dataclasses.dataclass
@@ -363,7 +364,7 @@ class OurStep:
         phases = {"host_inputs": host_inputs}
         phases |= {k.removeprefix("phase/").removesuffix("_s"): v for k, v in timer.summary(prefix="phase").items()
                    if k != "phase/total_s"}
-        return StepOutput(result.state["train"], phases, result.rewards, np.asarray(result.rollout.lengths))
+        return StepOutput(result.state["train"], phases, result.rewards, np.asarray(result.rollout.lengths), length)
 
 
 def step_config(settings: StepSettings) -> ml_collections.ConfigDict:
@@ -482,6 +483,7 @@ class Record:
     trl_reward_means: list[list[float]] = dataclasses.field(default_factory=list)
     ours_lengths: list[int] = dataclasses.field(default_factory=list)
     trl_lengths: list[int] = dataclasses.field(default_factory=list)
+    ours_prompt_tokens: list[int] = dataclasses.field(default_factory=list)
 
 
 def make_interleaving_callback(our_step: OurStep, state_box: dict, examples: Sequence[CaptionExample],
@@ -518,11 +520,52 @@ def make_interleaving_callback(our_step: OurStep, state_box: dict, examples: Seq
             record.ours_peak_mib.append(peak.growth_mib)
             record.ours_phases.append(out.phases)
             record.ours_lengths.extend(out.lengths.tolist())
+            record.ours_prompt_tokens.append(out.prompt_tokens)
             record.ours_reward_means.append(np.nanmean(out.rewards.reshape(-1, out.rewards.shape[-1]), 0).tolist())
             print(f"step {step}: TRL {record.trl_seconds[-1]:.2f} s, ours {record.ours_seconds[-1]:.2f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
 
     return Interleave()
+
+
+def step_matmul_flops(size: ModelSize, settings: StepSettings, prompt_tokens: int) -> dict[str, float]:
+    """A lower bound on one RL step's FLOPs: the text decoder's and the unembedding's matmuls only (the vision
+    tower, norms, softmaxes, sampling and the optimizer are left out, so the bound only errs low).
+
+    Sampling: prefill of P prompts of `prompt_tokens`, then rows x new_tokens decode tokens through every layer and
+    the [D, V] unembedding. Update: forward + backward (3x the forward's matmuls) over rows x (prompt + new) tokens,
+    with the unembedding on the completion columns only (what both stacks compute).
+    """
+    head_dim = size.hidden // size.heads
+    d, heads, kv = size.hidden, size.heads * head_dim, size.kv_heads * head_dim
+    per_token_layer = 2 * (d * heads + 2 * d * kv + heads * d + 3 * d * size.intermediate)
+    unembed = 2 * d * QWEN_VOCAB
+    rows, new = settings.prompts * settings.group, settings.new_tokens
+    total = prompt_tokens + new
+
+    def attention(queries: int, keys: int) -> int:  # scores and values, every layer
+        return 4 * queries * keys * heads * size.layers
+
+    sample = (settings.prompts * (prompt_tokens * size.layers * per_token_layer + attention(prompt_tokens, prompt_tokens))
+              + rows * new * (size.layers * per_token_layer + unembed) + rows * attention(new, total))
+    update = 3 * (rows * (total * size.layers * per_token_layer + attention(total, total)) + rows * new * unembed)
+    return dict(sample=float(sample), update=float(update), total=float(sample + update))
+
+
+def matmul_rate_gflops(rows: int, inner: int, outer: int, repeats: int = 5) -> dict:
+    """This machine's fp32 rate on the update's largest matmul shape, [rows x inner] x [inner x outer]: median and
+    min-max GFLOP/s over `repeats` timed calls after one warm-up."""
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (rows, inner), jnp.float32)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (inner, outer), jnp.float32)
+    product = jax.jit(lambda a, b: jnp.dot(a, b))
+    jax.block_until_ready(product(a, b))
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(product(a, b))
+        rates.append(2 * rows * inner * outer / (time.perf_counter() - start) / 1e9)
+    return common.Spread.of(rates).to_dict()
 
 
 def max_logit_gap(hf_model, our_model, config: Qwen2_5_VLConfig, processor, image) -> float:
@@ -599,6 +642,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"no measured steps: TRL ran {len(record.trl_seconds)}, ours {len(record.ours_seconds)}")
     trl_median, ours_median = statistics.median(trl_times), statistics.median(ours_times)
     phase_names = list(record.ours_phases[0])
+    # The most any engine could gain over TRL here: the step's matmul FLOPs at this machine's matmul rate.
+    prompt_tokens = max(record.ours_prompt_tokens[measured])
+    flops = step_matmul_flops(size, settings, prompt_tokens)
+    rate = matmul_rate_gflops(settings.prompts * settings.group * (prompt_tokens + settings.new_tokens),
+                              size.hidden, size.intermediate)  # fmt: skip
+    floor_s = flops["total"] / (rate["high"] * 1e9)
+    ceiling = dict(prompt_tokens=prompt_tokens, flops=flops, matmul_gflops=rate, floor_s=floor_s,
+                   ceiling_vs_trl=trl_median / floor_s)  # fmt: skip
     return dict(
         model=dict(family="qwen2_5_vl", parameters=int(n_params), counts=counts, size=dataclasses.asdict(size), vocab=QWEN_VOCAB,
                    image_grids=sorted({tuple(int(x) for x in g) for g in _grids(examples, our_step)}),
@@ -623,6 +674,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         spreads=dict(trl=common.Spread.of(trl_times).to_dict(), ours=common.Spread.of(ours_times).to_dict(),
                      speedup=common.paired_ratios(trl_times, ours_times).to_dict()),
         speedup_vs_trl=common.paired_ratios(trl_times, ours_times).median,
+        ceiling=ceiling,
     )  # fmt: skip
 
 
@@ -640,7 +692,7 @@ def _fmt_spread(d: dict, digits: int = 3) -> str:
 
 
 def render_markdown(r: dict, command: str) -> str:
-    s, m, trl, ours = r["settings"], r["machine"], r["trl"], r["ours"]
+    s, m, trl, ours, c = r["settings"], r["machine"], r["trl"], r["ours"], r["ceiling"]
     phases = ", ".join(f"{k} {v:.3f}" for k, v in ours["phase_medians"].items())
     lines = [
         "# One full RL step: balcap_jax vs TRL `GRPOTrainer`",
@@ -676,6 +728,14 @@ def render_markdown(r: dict, command: str) -> str:
         f"**speedup_vs_trl = {_fmt_spread(r['spreads']['speedup'], 2)}x** (per step: TRL s / our s; median, min-max). "
         "Advantage parity: our c-GDPO on "
         f"TRL's own rewards differs from TRL's advantages by at most {r['advantage_parity_max_abs']:.1e}.",
+        "",
+        f"**Ceiling: {c['ceiling_vs_trl']:.2f}x.** The step's text matmuls alone (prompt bucket {c['prompt_tokens']}; "
+        f"sampling {c['flops']['sample'] / 1e9:.1f} + update {c['flops']['update'] / 1e9:.1f} GFLOP, a lower bound: "
+        "vision, norms, softmaxes, sampling and the optimizer left out) take "
+        f"{c['floor_s']:.3f} s at the fastest rate this machine reached on the update's largest matmul in this run "
+        f"({_fmt_spread(c['matmul_gflops'], 1)} GFLOP/s, fp32 [{s['rows']}x(prompt+new) x {r['model']['size']['hidden']}]"
+        f" x [{r['model']['size']['hidden']} x {r['model']['size']['intermediate']}]). So no engine could run this "
+        f"step faster than TRL's median / {c['floor_s']:.3f} s = {c['ceiling_vs_trl']:.2f}x TRL on this machine.",
         "",
         f"Per-step seconds, TRL: {[round(x, 3) for x in trl['seconds']]}; ours: "
         f"{[round(x, 3) for x in ours['seconds']]} (ours after its first, compiling step; a warm-up step that meets a "
@@ -739,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out_dir / f"{args.out_name}.json").write_text(json.dumps(result, indent=2))
     (out_dir / f"{args.out_name}.md").write_text(render_markdown(result, command.strip()))
     print(json.dumps({k: result[k] for k in ("trl", "ours", "advantage_parity_max_abs")}, indent=2, default=str))
-    print(f"speedup_vs_trl={result['speedup_vs_trl']:.3f}")
+    print(f"speedup_vs_trl={result['speedup_vs_trl']:.3f} ceiling_vs_trl={result['ceiling']['ceiling_vs_trl']:.3f}")
     return 0
 
 

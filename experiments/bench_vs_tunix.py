@@ -268,13 +268,10 @@ def run_sampler(args: argparse.Namespace, shape: Shape, tokenizer: Any) -> dict[
     key = jax.random.key(args.seed)
 
     def our_side() -> list[str]:
-        encoded = [tokenizer(p)["input_ids"] for p in prompts]
-        ids = np.zeros((len(prompts), bucket), np.int32)
-        mask = np.zeros((len(prompts), bucket), bool)
-        for i, row in enumerate(encoded):
-            ids[i, bucket - len(row) :], mask[i, bucket - len(row) :] = row, True
-        positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-        rollout = our_sampler(state, {"input_ids": ids, "attention_mask": mask, "positions": positions}, scfg, key)
+        batch = text_prompt_batch(tokenizer, prompts, bucket, pad_id=0)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "positions": batch["positions"][0]}  # the text decoder's 1-D RoPE positions  # fmt: skip
+        rollout = our_sampler(state, inputs, scfg, key)
         return tokenizer.batch_decode(np.asarray(rollout.tokens).tolist())
 
     first = {"tunix": tunix_side(), "ours": our_side()}  # compiles both

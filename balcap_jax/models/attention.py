@@ -321,6 +321,29 @@ def attend(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def decode_block_scores(qg: Array, k: Array, scale: float) -> Array:
+    """Scaled logits of one query group against a block of cached keys, rounded as `attention_scores`.
+
+    qg [B, H_kv, G, Dh]; k [B, S, H_kv, Dh] (the cache's layout) -> fp32 [B, H_kv, G, S].
+
+    On CPU the product is taken as [B, S, H_kv * Dh] x [B, H_kv * Dh, H]: the keys as they lie in the cache
+    against a block-diagonal copy of the queries (H_kv times the FLOPs of a tiny product). The plain einsum
+    contracts the keys' minor dimension, and XLA:CPU transposes the whole block for it: that transpose was the
+    largest cost of a small model's decode step after the weights' matmuls. Other platforms keep the einsum
+    (their compilers pick the cache's layout themselves).
+    """
+    if trace_platform() != "cpu":
+        return attention_scores("bkgd,bskd->bkgs", qg, k, scale)
+    batch, kv_heads, groups, head_dim = qg.shape
+    block = k.shape[1]
+    eye = jnp.eye(kv_heads, dtype=qg.dtype)
+    queries = jnp.einsum("bkgd,kj->bjdkg", qg, eye).reshape(batch, kv_heads * head_dim, kv_heads * groups)
+    keys = k.reshape(batch, block, kv_heads * head_dim)
+    raw = jnp.einsum("bsc,bch->bsh", keys, queries, preferred_element_type=jnp.float32).astype(qg.dtype)
+    raw = jnp.transpose(raw.reshape(batch, block, kv_heads, groups), (0, 2, 3, 1))
+    return (raw.astype(jnp.float32) * np.float32(scale)).astype(qg.dtype).astype(jnp.float32)
+
+
 def decode_block_size(cache_len: int, limit: int = 256) -> int:
     """Keys per step of `decode_attention`: `limit`, or the whole cache when it is shorter."""
     return max(1, min(limit, cache_len))
@@ -337,6 +360,7 @@ def decode_attention(
     block_size: int = 256,
     scale: float | None = None,
     exact: bool = True,
+    current: tuple[Array, Array] | None = None,
 ) -> Array:
     """One query per row against the first `length` slots of a stacked KV cache, block by block.
 
@@ -344,6 +368,11 @@ def decode_attention(
     int32[] (the loops' trip count is ceil(length / block_size): blocks past the filled part are never read).
     Logits round as HF rounds them (`attention_scores`). The last block may overlap the one before it when S is
     not a multiple of block_size: slots already counted are masked.
+
+    current: this step's own key and value (k, v) [B, 1, H_kv, Dh], attended besides the cache's `length` slots
+    (always valid), as if written at slot `length`. The decoder passes them instead of writing the cache inside
+    its layer loop: a loop that reads and updates the same buffer made XLA:CPU copy the whole stacked cache
+    twice per layer (see `TextModel.decode`, which writes every layer's token once, after the loop).
 
     exact=True (the reference): the softmax of the reference in three passes over the filled blocks (max, sum,
     weights rounded to the compute dtype before the product with v, as HF's eager attention rounds them), so a
@@ -375,7 +404,7 @@ def decode_attention(
         slots = start + jnp.arange(block, dtype=jnp.int32)
         valid = jax.lax.dynamic_slice(kv_valid, (zero, start), (batch, block))
         valid = (valid & (slots >= nominal)[None] & (slots < length)[None])[:, None, None, :]
-        logits = jnp.where(valid, attention_scores("bkgd,bskd->bkgs", qg, k, scale), lowest)
+        logits = jnp.where(valid, decode_block_scores(qg, k, scale), lowest)
         if not with_values:
             return logits, valid, None
         v = jax.lax.dynamic_slice(v_cache, index, size)[0].astype(q.dtype)
@@ -387,18 +416,27 @@ def decode_attention(
     stats = jnp.full((batch, kv_heads, groups), lowest, jnp.float32)
     zeros = jnp.zeros((batch, kv_heads, groups), jnp.float32)
     acc0 = jnp.zeros((batch, kv_heads, groups, head_dim), jnp.float32)
+    if current is not None:
+        k_now, v_now = (x.reshape(batch, kv_heads, head_dim).astype(q.dtype) for x in current)
+        logit_now = attention_scores("bkgd,bkd->bkg", qg, k_now, scale)  # [B, H_kv, G]
+        stats = logit_now
 
     if exact:
         def max_step(i, running_max):
             return jnp.maximum(running_max, jnp.max(read_block(i, False)[0], axis=-1))
 
         row_max = jax.lax.fori_loop(0, trips, max_step, stats)
+        if current is not None:
+            zeros = jnp.exp(logit_now - row_max)
 
         def sum_step(i, total):
             logits, valid, _ = read_block(i, False)
             return total + jnp.sum(jnp.where(valid, jnp.exp(logits - row_max[..., None]), 0.0), axis=-1)
 
         total = jax.lax.fori_loop(0, trips, sum_step, zeros)
+        if current is not None:
+            weight_now = (jnp.exp(logit_now - row_max) / total).astype(v_now.dtype)
+            acc0 = jnp.einsum("bkg,bkd->bkgd", weight_now, v_now, preferred_element_type=jnp.float32)
 
         def value_step(i, acc):
             logits, valid, v = read_block(i, True)
@@ -407,6 +445,10 @@ def decode_attention(
 
         out = jax.lax.fori_loop(0, trips, value_step, acc0)
     else:
+        if current is not None:  # the current token opens the running softmax: weight exp(0) = 1
+            zeros = jnp.ones_like(zeros)
+            acc0 = jnp.broadcast_to(v_now[:, :, None].astype(jnp.float32), acc0.shape)
+
         def online_step(i, carry):
             running_max, running_sum, acc = carry
             logits, valid, v = read_block(i, True)
@@ -443,7 +485,7 @@ class SegmentMask:
 @struct.dataclass
 class DecodeMask:
     """A decode step's view of the cache: kv_valid bool[B, S] and the filled length int32[] (slots >= length
-    are never read)."""
+    are never read; the step's own token, not yet written, is attended besides them)."""
 
     kv_valid: Array
     length: Array

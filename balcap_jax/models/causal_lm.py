@@ -50,9 +50,15 @@ class CausalLMHead(nnx.Module):
 
     def output_embedding(self) -> Array:
         """The unembedding matrix [D, V]: lm_head's kernel, or the transposed token embedding when tied."""
+        matrix, vocab_axis = self.stored_output_embedding()
+        return matrix if vocab_axis == 1 else matrix.T
+
+    def stored_output_embedding(self) -> tuple[Array, int]:
+        """The unembedding as stored, with its vocabulary axis: (lm_head's kernel [D, V], 1), or (the tied token
+        embedding [V, D], 0)."""
         if self.text_model.config.tie_word_embeddings:
-            return self.text_model.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
+            return self.text_model.embed_tokens.embedding[...], 0
+        return self.lm_head.kernel[...], 1
 
     def logits(self, hidden: Array) -> Array:
         """hidden [..., D] -> fp32 logits [..., V] (products in hidden's dtype, accumulated in fp32)."""

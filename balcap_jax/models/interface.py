@@ -94,8 +94,11 @@ class CausalLM(Protocol):
         `index` + 1."""
 
     def output_embedding(self) -> Array:
-        """The unembedding matrix [D, V] (the tied input embedding, transposed, when tied): log-prob code
-        chunks over V with it instead of materialising [B, T, V] logits."""
+        """The unembedding matrix [D, V] (the tied input embedding, transposed, when tied)."""
+
+    def stored_output_embedding(self) -> tuple[Array, int]:
+        """The unembedding in its stored layout and its vocabulary axis ([D, V], 1 or the tied [V, D], 0): log-prob
+        code chunks over V with it instead of materialising [B, T, V] logits, and never transposes it."""
 
     def logits(self, hidden: Array) -> Array:
         """hidden [..., D] -> logits [..., V] in fp32."""

@@ -71,10 +71,13 @@ def token_logprobs_from_hidden(
     *,
     temperature: float = 1.0,
     chunk_size: int = 4096,
+    vocab_axis: int = 1,
 ) -> tuple[Array, Array]:
     """Log-probs of `targets` and entropies from hidden states, never materialising fp32 [B, T, V] logits.
 
-    hidden: float[B, T, D]; unembed: float[D, V]; targets: int[B, T], clipped into [0, V).
+    hidden: float[B, T, D]; unembed: float[D, V] (vocab_axis=1) or float[V, D] (vocab_axis=0, a tied token
+    embedding as stored: chunks are read in place, where a transposed view made XLA:CPU copy the whole
+    [V, D] matrix, and its gradient back, every update); targets: int[B, T], clipped into [0, V).
     Scans over V in chunks of `chunk_size` columns keeping a running logsumexp; the scan body is rematerialised,
     so the backward pass also holds only one [B, T, chunk] fp32 block at a time. Matmuls accumulate in fp32
     whatever the input dtype. Returns (logprobs float32[B, T], entropy float32[B, T]).
@@ -82,11 +85,15 @@ def token_logprobs_from_hidden(
     _check_temperature(temperature)
     chex.assert_rank([hidden, unembed, targets], [3, 2, 2])
     chex.assert_shape(targets, hidden.shape[:2])
-    if hidden.shape[-1] != unembed.shape[0]:
-        raise ValueError(f"unembed must be [D, V] with D={hidden.shape[-1]} (hidden size); got {unembed.shape}.")
+    if vocab_axis not in (0, 1):
+        raise ValueError(f"vocab_axis must be 1 (unembed [D, V]) or 0 (unembed [V, D]); got {vocab_axis}.")
+    if hidden.shape[-1] != unembed.shape[1 - vocab_axis]:
+        layout = "[D, V]" if vocab_axis == 1 else "[V, D]"
+        raise ValueError(f"unembed must be {layout} with D={hidden.shape[-1]} (hidden size); got {unembed.shape}.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
-    vocab = unembed.shape[1]
+    vocab = unembed.shape[vocab_axis]
+    product = "btd,dv->btv" if vocab_axis == 1 else "btd,vd->btv"
     chunk_size = min(chunk_size, vocab)
     num_chunks = math.ceil(vocab / chunk_size)
     targets = jnp.clip(targets, 0, vocab - 1)
@@ -96,8 +103,8 @@ def token_logprobs_from_hidden(
         # Slice the unembedding in place (no padded or transposed copy of [D, V]). The last chunk is moved back to
         # end at V, so it overlaps its predecessor; the overlap columns were counted there and are masked here.
         offset = jnp.minimum(start, vocab - chunk_size)
-        chunk = jax.lax.dynamic_slice_in_dim(unembed, offset, chunk_size, axis=1)
-        logits = jnp.einsum("btd,dv->btv", hidden, chunk, preferred_element_type=jnp.float32) / temperature
+        chunk = jax.lax.dynamic_slice_in_dim(unembed, offset, chunk_size, axis=vocab_axis)
+        logits = jnp.einsum(product, hidden, chunk, preferred_element_type=jnp.float32) / temperature
         column = offset + jnp.arange(chunk_size)
         real = column >= start
         logits = jnp.where(real, logits, -jnp.inf)

@@ -83,8 +83,9 @@ def make_log_prob_fn(
         first = total - scored
         context = hidden[:, max(first - 1, 0) : total - 1]
         targets = input_ids[:, max(first, 1) :]
+        unembed, vocab_axis = model.stored_output_embedding()
         logprobs, entropy = token_logprobs_from_hidden(
-            context, model.output_embedding(), targets, temperature=temperature, chunk_size=chunk_size
+            context, unembed, targets, temperature=temperature, chunk_size=chunk_size, vocab_axis=vocab_axis
         )
         if first == 0:  # the first token has no context: pad its column with zeros
             logprobs = jnp.pad(logprobs, ((0, 0), (1, 0)))

@@ -117,6 +117,18 @@ def test_both_sides_start_from_the_same_network(bench, tokenizer, image_config, 
     assert gap < 1e-4
 
 
+def test_step_matmul_flops_by_hand(bench):
+    """One layer of hidden 8 (2 heads of 4, 1 KV head), MLP 16; P 1 x G 2, prompt 3 + 2 new tokens."""
+    size = bench.ModelSize(hidden=8, intermediate=16, layers=1, heads=2, kv_heads=1)
+    settings = bench.StepSettings(prompts=1, group=2, new_tokens=2, learning_rate=1e-5)
+    per_token = 2 * (8 * 8 + 2 * 8 * 4 + 8 * 8 + 3 * 8 * 16)  # q, k and v, o, gate/up/down
+    unembed = 2 * 8 * bench.QWEN_VOCAB
+    sample = 3 * per_token + 4 * 3 * 3 * 8 + 2 * 2 * (per_token + unembed) + 2 * 4 * 2 * 5 * 8
+    update = 3 * (2 * (5 * per_token + 4 * 5 * 5 * 8) + 2 * 2 * unembed)
+    flops = bench.step_matmul_flops(size, settings, prompt_tokens=3)
+    assert flops == dict(sample=float(sample), update=float(update), total=float(sample + update))
+
+
 def test_command_line_rejects_settings_trl_cannot_run(bench):
     with pytest.raises(SystemExit, match="group"):
         bench.parse_args(["--group", "1"])
@@ -131,11 +143,14 @@ def test_tiny_side_by_side_run_writes_results_and_prints_speedup(bench, tmp_path
             "--hidden", "32", "--layers", "1", "--max-pixels", str(112 * 112), "--out-dir", str(tmp_path)]  # fmt: skip
     assert bench.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"speedup_vs_trl=\d+\.\d+", last), last
+    assert re.fullmatch(r"speedup_vs_trl=\d+\.\d+ ceiling_vs_trl=\d+\.\d+", last), last
     result = json.loads((tmp_path / "bench_rl_step.json").read_text())
+    ceiling = result["ceiling"]
+    assert ceiling["ceiling_vs_trl"] == pytest.approx(result["trl"]["median_s"] / ceiling["floor_s"])
+    assert float(last.split("=")[2]) == pytest.approx(ceiling["ceiling_vs_trl"], abs=1e-3)
     assert len(result["trl"]["seconds"]) == len(result["ours"]["seconds"]) == 2  # warm-up + measured, interleaved
     assert result["speedup_vs_trl"] == pytest.approx(result["trl"]["median_s"] / result["ours"]["median_s"])
-    assert float(last.split("=")[1]) == pytest.approx(result["speedup_vs_trl"], abs=1e-3)
+    assert float(last.split("=")[1].split()[0]) == pytest.approx(result["speedup_vs_trl"], abs=1e-3)
     assert result["advantage_parity_max_abs"] < 1e-4
     assert result["model"]["step0_max_logit_gap"] < 1e-3
     for side in ("trl", "ours"):

@@ -26,11 +26,13 @@ def test_tiny_interleaved_race(tmp_path, capsys):
             "1", "--max-pixels", str(112 * 112), "--out-dir", str(tmp_path)]  # fmt: skip
     assert bench_sampling.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"speedup_vs_hf=\d+\.\d+ roofline_fraction=\d+\.\d+", last), last
+    assert re.fullmatch(r"speedup_vs_hf=\d+\.\d+ roofline_fraction=\d+\.\d+ ceiling_vs_hf=\d+\.\d+", last), last
     r = json.loads((tmp_path / "bench_sampling.json").read_text())
     assert r["order"] == ["ours", "hf", "ours_stages", "matmul_skeleton"]
     assert all(len(v) == 2 for v in r["seconds"].values())  # warm-up round discarded on every side
     ratios = [h / o for h, o in zip(r["seconds"]["hf"], r["seconds"]["ours"])]
     assert r["speedup_vs_hf"]["low"] == pytest.approx(min(ratios))
     assert 0 < r["roofline"]["fraction"]["median"]
+    floor = 3 * min(r["seconds"]["matmul_skeleton"])  # 4 new tokens: 3 decode steps
+    assert r["ceiling"]["ceiling_vs_hf"] == pytest.approx(r["hf"]["seconds"]["median"] / floor)
     assert "speedup_vs_hf" in (tmp_path / "bench_sampling.md").read_text()

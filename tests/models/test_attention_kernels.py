@@ -237,6 +237,34 @@ def test_blocked_decode_equals_the_reference_and_never_reads_unfilled_slots(dtyp
         np.testing.assert_allclose(_f32(got), _f32(want), **TOL[dtype])
 
 
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [0, 16, 33])
+def test_the_current_token_beside_the_cache_equals_it_written_at_slot_length(dtype, length, exact):
+    """`current=(k, v)` is the decoder's way of attending the step's own token without writing the cache inside
+    the layer loop: the same output as writing it at slot `length` and reading `length + 1` slots, and the
+    slots from `length` on are never read (NaN there would show)."""
+    batch, cache_len, heads, kv_heads, dim = 2, 40, 4, 2, 16
+    q, k, v = _qkv(9, batch, 1, cache_len, heads, kv_heads, dim, dtype)
+    valid = jnp.ones((batch, cache_len), bool).at[1, :3].set(False)
+    k_now, v_now = k[:, length : length + 1], v[:, length : length + 1]
+    written = attention.decode_attention(
+        q, k[None], v[None], valid.at[:, length].set(True), jnp.int32(length + 1), block_size=16, exact=exact
+    )
+    unread = jnp.arange(cache_len)[None, :, None, None] >= length
+    k_stale, v_stale = jnp.where(unread, jnp.nan, k), jnp.where(unread, jnp.nan, v)
+    beside = jax.jit(lambda *a: attention.decode_attention(*a, block_size=16, exact=exact, current=(k_now, v_now)))(
+        q, k_stale[None], v_stale[None], valid, jnp.int32(length)
+    )
+    assert beside.shape == q.shape and beside.dtype == dtype
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(_f32(beside), _f32(written), atol=1e-6, rtol=1e-6)
+    elif exact:  # the same roundings; only the fp32 summation order differs
+        np.testing.assert_allclose(_f32(beside), _f32(written), atol=0, rtol=2**-7)
+    else:  # one rounding at the end of an online softmax whose block order differs
+        np.testing.assert_allclose(_f32(beside), _f32(written), **TOL[dtype])
+
+
 def test_decode_trip_count_follows_the_filled_length():
     """The loops over KV blocks are while loops bounded by `length` (a traced value), not by the cache size: one
     pass for the online softmax, three for the reference's rounding."""
@@ -266,3 +294,35 @@ def test_text_model_decode_equals_the_full_forward():
     for t in range(prompt, total):
         hidden, cache = step(model, embeds[:, t], positions[:, t], cache)
         np.testing.assert_allclose(np.asarray(hidden), np.asarray(full[:, t]), atol=1e-5, rtol=1e-5)
+    # Every layer's key and value of each decoded token landed in its slot: the cache equals a prefill of all.
+    whole = KVCache.zeros(num_layers=2, batch=2, max_len=40, num_kv_heads=2, head_dim=8, dtype=jnp.float32)
+    _, whole = nnx.jit(lambda m, c: m.prefill(embeds, positions, valid, c))(model, whole)
+    assert int(cache.index) == total
+    for got, want in ((cache.k, whole.k), (cache.v, whole.v)):
+        np.testing.assert_allclose(np.asarray(got[:, :, :total]), np.asarray(want[:, :, :total]), atol=1e-5)
+        assert not np.asarray(got[:, :, total:]).any()
+
+
+def test_decode_loop_never_copies_the_whole_cache():
+    """The decode step reads the cache inside its layer scan and writes all layers' token once, after it. When
+    each layer wrote its slice inside the scan, XLA:CPU copied the whole stacked V cache twice per layer per
+    token (a third of a small model's decode step)."""
+    config = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                           num_kv_heads=2, head_dim=8)  # fmt: skip
+    model = TextModel(config, rngs=nnx.Rngs(1))
+    graphdef, state = nnx.split(model)
+    cache = KVCache.zeros(num_layers=3, batch=4, max_len=48, num_kv_heads=2, head_dim=8, dtype=jnp.float32)
+    cache = cache.replace(index=jnp.int32(8))
+
+    def generate(state, cache):
+        def step(carry):
+            count, hidden, cache = carry
+            hidden, cache = nnx.merge(graphdef, state).decode(hidden, jnp.full((4,), count), cache)
+            return count + 1, hidden, cache
+
+        return jax.lax.while_loop(lambda c: c[0] < 20, step, (jnp.int32(0), jnp.ones((4, 32)), cache))[2]
+
+    hlo = jax.jit(generate, donate_argnums=1).lower(state, cache).compile().as_text()
+    cache_shape = "f32[3,4,48,2,8]"
+    copies = [line for line in hlo.splitlines() if f"= {cache_shape}" in line and " copy(" in line]
+    assert not copies, "\n".join(copies)

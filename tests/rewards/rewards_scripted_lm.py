@@ -61,6 +61,9 @@ class ScriptedLM(nnx.Module):
         # The successor table is not linear in the hidden state; only `logits` is meaningful for this toy.
         return jnp.zeros((1, self.vocab_size), jnp.float32)
 
+    def stored_output_embedding(self):
+        return self.output_embedding(), 1
+
     def logits(self, hidden):
         token = hidden[..., 0].astype(jnp.int32)
         return jax.nn.one_hot(self.successor[...][token], self.vocab_size, dtype=jnp.float32) * 50.0

@@ -34,5 +34,8 @@ class ToyCausalLM(nnx.Module):
     def output_embedding(self) -> jax.Array:
         return self.embed.embedding[...].T
 
+    def stored_output_embedding(self) -> tuple[jax.Array, int]:
+        return self.embed.embedding[...], 0
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         return jnp.einsum("...d,dv->...v", hidden, self.output_embedding(), preferred_element_type=jnp.float32)

@@ -77,6 +77,32 @@ class TokenLogprobsTest(chex.TestCase):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
+    def test_a_vocabulary_major_unembedding_gives_the_same_values_and_gradients(self):
+        """vocab_axis=0 reads a tied [V, D] embedding as stored: the same log-probs, entropies and gradients
+        (the embedding's gradient in its own [V, D] layout) as the [D, V] matrix."""
+        hidden, unembed, targets = _inputs(seed=5)
+        probe = jax.random.normal(jax.random.key(3), (2, B, T))
+
+        def objective(hidden, matrix, vocab_axis):
+            logprobs, entropy = losses.token_logprobs_from_hidden(
+                hidden, matrix, targets, temperature=0.7, chunk_size=7, vocab_axis=vocab_axis
+            )
+            return jnp.sum(probe[0] * logprobs + probe[1] * entropy)
+
+        with jax.default_matmul_precision("highest"):
+            value_dv, grad_dv = jax.value_and_grad(objective, argnums=(0, 1))(hidden, unembed, 1)
+            value_vd, grad_vd = self.variant(jax.value_and_grad(objective, argnums=(0, 1)), static_argnums=2)(
+                hidden, unembed.T, 0
+            )
+        np.testing.assert_allclose(value_vd, value_dv, rtol=1e-6)
+        np.testing.assert_allclose(grad_vd[0], grad_dv[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(grad_vd[1], grad_dv[1].T, rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match=r"unembed must be \[V, D\]"):
+            losses.token_logprobs_from_hidden(hidden, unembed, targets, vocab_axis=0)
+        with pytest.raises(ValueError, match="vocab_axis"):
+            losses.token_logprobs_from_hidden(hidden, unembed, targets, vocab_axis=2)
+
+    @chex.variants(with_jit=True, without_jit=True)
     def test_bfloat16_inputs_accumulate_in_float32(self):
         hidden, unembed, targets = _inputs(seed=4, dtype=jnp.bfloat16)
         logprobs, entropy = self.variant(functools.partial(losses.token_logprobs_from_hidden, chunk_size=10))(

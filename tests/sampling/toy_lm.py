@@ -155,6 +155,9 @@ class ToyLM(nnx.Module):
     def output_embedding(self) -> jax.Array:
         return self.embed.embedding[...].T
 
+    def stored_output_embedding(self) -> tuple[jax.Array, int]:
+        return self.embed.embedding[...], 0
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         return (hidden.astype(jnp.float32) @ self.output_embedding().astype(jnp.float32)).astype(jnp.float32)
 

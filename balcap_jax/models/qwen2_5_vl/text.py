@@ -168,32 +168,38 @@ class Attention(nnx.Module):
         layer: Array | int = 0,
         write_slot: Array | int = 0,
     ) -> tuple[Array, tuple[Array, Array] | None]:
-        """x [B, T, D]; cos/sin [B, T, Dh]. With `cache_kv` = (k, v) [L, B, S, H_kv, Dh], this step's keys/values
-        are written at layer `layer` (int or int32[], the scan's layer index), slots [write_slot, write_slot + T).
+        """x [B, T, D]; cos/sin [B, T, Dh]; `layer`: int or int32[], the scan's layer index.
 
-        A `SegmentMask` (training, prefill) attends over this step's own T keys with `config.attention`'s kernel;
-        a `DecodeMask` (one token, T = 1) attends over the cache's filled slots only (`decode_attention`).
-        Returns ([B, T, D], updated cache_kv or None)."""
+        A `SegmentMask` (training, prefill) attends over this step's own T keys with `config.attention`'s kernel.
+        With `cache_kv` = (k, v) [L, B, S, H_kv, Dh] (prefill) they are written at layer `layer`, slots
+        [write_slot, write_slot + T), and the updated cache_kv is returned.
+
+        A `DecodeMask` (one token, T = 1) attends over the cache's `mask.length` filled slots, read only
+        (`decode_attention`), and over the token's own key and value; it returns them, (k, v) [B, 1, H_kv, Dh]
+        in the cache's dtype, for `TextModel.decode` to write. Returns ([B, T, D], cache_kv / (k, v) / None)."""
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, -1, self.head_dim)
         k = self.k_proj(x).reshape(batch, length, -1, self.head_dim)
         v = self.v_proj(x).reshape(batch, length, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache_kv is not None:
-            cache_kv = (write_cache_layer(cache_kv[0], layer, write_slot, k),
-                        write_cache_layer(cache_kv[1], layer, write_slot, v))  # fmt: skip
         if isinstance(mask, DecodeMask):
             if cache_kv is None:
                 raise ValueError("a DecodeMask attends over the KV cache; pass cache_kv")
+            # Rounded to the cache's dtype as if written and read back, as every later step will read them.
+            current = (k.astype(cache_kv[0].dtype), v.astype(cache_kv[1].dtype))
             exact = resolve_impl(self.attention, dtype=q.dtype) == "reference"  # the reference rounds as HF
-            out = decode_attention(q, cache_kv[0], cache_kv[1], mask.kv_valid, mask.length, layer=layer, exact=exact)
-        else:
-            # Prefill writes slots [0, T) of an empty cache: its keys are exactly this step's, so the cache is
-            # not read back.
-            out = attend(
-                q, k.astype(q.dtype), v.astype(q.dtype), q_segment_ids=mask.q_segment_ids,
-                kv_segment_ids=mask.kv_segment_ids, causal=mask.causal, impl=self.attention,
-            )  # fmt: skip
+            out = decode_attention(q, cache_kv[0], cache_kv[1], mask.kv_valid, mask.length, layer=layer,
+                                   exact=exact, current=current)  # fmt: skip
+            return self.o_proj(out.reshape(batch, length, -1)), current
+        if cache_kv is not None:
+            cache_kv = (write_cache_layer(cache_kv[0], layer, write_slot, k),
+                        write_cache_layer(cache_kv[1], layer, write_slot, v))  # fmt: skip
+        # Prefill writes slots [0, T) of an empty cache: its keys are exactly this step's, so the cache is not
+        # read back.
+        out = attend(
+            q, k.astype(q.dtype), v.astype(q.dtype), q_segment_ids=mask.q_segment_ids,
+            kv_segment_ids=mask.kv_segment_ids, causal=mask.causal, impl=self.attention,
+        )  # fmt: skip
         return self.o_proj(out.reshape(batch, length, -1)), cache_kv
 
 
@@ -276,8 +282,19 @@ class TextModel(nnx.Module):
         return rope_cos_sin(positions, inv_freq)
 
     def _layers(self, x, cos, sin, mask, cache_kv, write_slot):
-        """All layers, then the final norm. With a cache, the whole stacked cache rides in the scan carry and each
-        layer writes its own slice in place (no per-layer copies of the cache)."""
+        """All layers, then the final norm. Returns (hidden, cache_kv).
+
+        Prefill: the whole stacked cache rides in the scan carry and each layer writes its own slice in place (no
+        per-layer copies of the cache). Decode (`DecodeMask`): the cache is only read inside the scan, and the
+        layers' new keys and values come back stacked, (k, v) [L, B, 1, H_kv, Dh], for `decode` to write."""
+        indices = layer_indices(self.config.num_layers)
+        if isinstance(mask, DecodeMask):
+            def decode_step(layer: DecoderLayer, hidden, index):
+                hidden, current = layer(hidden, cos, sin, mask, cache_kv, index)
+                return constrain_batch(hidden), current
+
+            x, new_kv = scan_layers(self.layers, decode_step, constrain_batch(x), indices)
+            return self.norm(x), new_kv
 
         def step(layer: DecoderLayer, carry, index):
             hidden, kv = carry
@@ -286,9 +303,7 @@ class TextModel(nnx.Module):
 
         # Remat only matters where a backward pass follows: the cache-free training forward.
         remat = self.remat if cache_kv is None else Remat.NONE
-        (x, cache_kv), _ = scan_layers(
-            self.layers, step, (constrain_batch(x), cache_kv), layer_indices(self.config.num_layers), remat=remat
-        )
+        (x, cache_kv), _ = scan_layers(self.layers, step, (constrain_batch(x), cache_kv), indices, remat=remat)
         return self.norm(x), cache_kv
 
     # -- entry points ---------------------------------------------------------------------------------------
@@ -320,12 +335,24 @@ class TextModel(nnx.Module):
 
     def decode(self, embeds: Array, positions: Array, cache: KVCache) -> tuple[Array, KVCache]:
         """One token per row. embeds [B, D], positions int[B] (text position, used on all M-RoPE axes).
-        Writes slot `cache.index`; returns hidden [B, D] and the cache with index + 1."""
+        Writes slot `cache.index`; returns hidden [B, D] and the cache with index + 1.
+
+        The layers read the cache and attend to the token's own key and value beside it; all L layers' keys and
+        values are then written with one update per buffer, in place on a donated cache."""
         batch = embeds.shape[0]
         chex.assert_shape(positions, (batch,))
         index = cache.index
-        valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((batch, 1), bool), (0, index))
         cos, sin = self.rotary(positions[:, None])
-        mask = DecodeMask(kv_valid=valid, length=index + 1)
-        hidden, (k, v) = self._layers(embeds[:, None].astype(self.dtype), cos, sin, mask, (cache.k, cache.v), index)
-        return hidden[:, 0], KVCache(k=k, v=v, valid=valid, index=index + 1)
+        mask = DecodeMask(kv_valid=cache.valid, length=index)
+        hidden, (k_new, v_new) = self._layers(
+            embeds[:, None].astype(self.dtype), cos, sin, mask, (cache.k, cache.v), index
+        )
+        chex.assert_shape(k_new, (cache.k.shape[0], batch, 1, *cache.k.shape[3:]))
+        zero = jnp.zeros((), jnp.int32)
+        at_index = (zero, zero, index, zero, zero)
+        return hidden[:, 0], KVCache(
+            k=jax.lax.dynamic_update_slice(cache.k, k_new, at_index),
+            v=jax.lax.dynamic_update_slice(cache.v, v_new, at_index),
+            valid=jax.lax.dynamic_update_slice(cache.valid, jnp.ones((batch, 1), bool), (zero, index)),
+            index=index + 1,
+        )
