@@ -8,7 +8,7 @@ safetensors 0.8.0):
     .venv-tunix/bin/pip install -e . -c constraints.txt
     .venv-tunix/bin/pip install --no-deps google-tunix==0.1.7
     .venv-tunix/bin/pip install datasets google-metrax hf-transfer importlib-resources jinja2 kagglehub numba \
-        omegaconf perfetto pylatexenc python-dotenv qwix sentencepiece sympy -c constraints.txt
+        jaxtyping omegaconf perfetto pylatexenc python-dotenv qwix sentencepiece sympy -c constraints.txt
     .venv-tunix/bin/python -m experiments.bench_vs_tunix            # --race=sampler|grpo|both (default both)
 
 Both races: a random Qwen2-architecture decoder of the same shape on both sides (default: Qwen2.5-0.5B widths —

@@ -36,7 +36,8 @@ class KVCache:
     """Per-layer keys/values for autoregressive decoding.
 
     k, v:   [L, B, S, H_kv, D_head] (bf16 by default; fp32 in parity tests). Stacked like the decoder's layers:
-            the layer scan carries the whole buffer and layer l writes k[l] / v[l] in place.
+            prefill's layer scan carries the whole buffer and layer l writes k[l] / v[l] in place; a decode step's
+            scan only reads it, and the step writes all layers' new slot after the scan.
     valid:  bool[B, S] — slots holding a real token (False for left padding and not-yet-written slots)
     index:  int32[] — the next slot to write during decode (== prompt bucket length after prefill)
     """
