@@ -73,6 +73,7 @@ from balcap_jax.data.pipeline import prepare  # noqa: E402
 from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor  # noqa: E402
 from balcap_jax.data.records import CaptionExample  # noqa: E402
 from balcap_jax.models import hf_io, registry  # noqa: E402
+from balcap_jax.parallel import hosts  # noqa: E402
 from balcap_jax.models.qwen2_5_vl import params as qwen_params  # noqa: E402
 from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig  # noqa: E402
 from balcap_jax.models.qwen2_5_vl.processor import (  # noqa: E402
@@ -412,7 +413,9 @@ def build_our_step(model, config: Qwen2_5_VLConfig, tokenizer, image_config: Ima
     # Equal work on both sides: TRL samples exactly new_tokens tokens per rollout, so ours ignores EOS too.
     step.sampler_config = dataclasses.replace(step.sampler_config, eos_ids=())
     optimizer, _ = builders.rl_optimizer(run_config)
-    state = update_lib.TrainState.create(params, optimizer)
+    # As the loop does: step counters and optimizer counts replicated on the mesh, so the second step reuses the
+    # first step's update program instead of compiling another for differently placed counters.
+    state = hosts.globalize(update_lib.TrainState.create(params, optimizer), mesh)
     return OurStep(step, QwenCaptionProcessor(tokenizer, INSTRUCTION, image_config), settings), state
 
 
