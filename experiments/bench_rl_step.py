@@ -73,7 +73,6 @@ from balcap_jax.data.pipeline import prepare  # noqa: E402
 from balcap_jax.data.qwen_inputs import QWEN_CONCAT_KEYS, QwenCaptionProcessor  # noqa: E402
 from balcap_jax.data.records import CaptionExample  # noqa: E402
 from balcap_jax.models import hf_io, registry  # noqa: E402
-from balcap_jax.parallel import hosts  # noqa: E402
 from balcap_jax.models.qwen2_5_vl import params as qwen_params  # noqa: E402
 from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig  # noqa: E402
 from balcap_jax.models.qwen2_5_vl.processor import (  # noqa: E402
@@ -83,6 +82,7 @@ from balcap_jax.models.qwen2_5_vl.processor import (  # noqa: E402
     load_tokenizer,
 )
 from balcap_jax.models.qwen2_5_vl.vision import hf_special_cases  # noqa: E402
+from balcap_jax.parallel import hosts  # noqa: E402
 from balcap_jax.rewards.manager import RewardManager  # noqa: E402
 from balcap_jax.rewards.types import ComponentScore, RewardItem  # noqa: E402
 from balcap_jax.rl import update as update_lib  # noqa: E402
@@ -332,7 +332,7 @@ class StepOutput:
     phases: dict[str, float]
     rewards: np.ndarray
     lengths: np.ndarray
-    prompt_tokens: int  # the prompt bucket the step ran at (the update trains on it + the completion columns)
+    prompt_lengths: tuple[int, ...]  # each prompt's real tokens (before padding to a bucket)
 
 
 @dataclasses.dataclass
@@ -365,7 +365,8 @@ class OurStep:
         phases = {"host_inputs": host_inputs}
         phases |= {k.removeprefix("phase/").removesuffix("_s"): v for k, v in timer.summary(prefix="phase").items()
                    if k != "phase/total_s"}
-        return StepOutput(result.state["train"], phases, result.rewards, np.asarray(result.rollout.lengths), length)
+        return StepOutput(result.state["train"], phases, result.rewards, np.asarray(result.rollout.lengths),
+                          tuple(int(p.length) for p in prepared))
 
 
 def step_config(settings: StepSettings) -> ml_collections.ConfigDict:
@@ -486,7 +487,7 @@ class Record:
     trl_reward_means: list[list[float]] = dataclasses.field(default_factory=list)
     ours_lengths: list[int] = dataclasses.field(default_factory=list)
     trl_lengths: list[int] = dataclasses.field(default_factory=list)
-    ours_prompt_tokens: list[int] = dataclasses.field(default_factory=list)
+    ours_prompt_lengths: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
 
 
 def make_interleaving_callback(our_step: OurStep, state_box: dict, examples: Sequence[CaptionExample],
@@ -523,7 +524,7 @@ def make_interleaving_callback(our_step: OurStep, state_box: dict, examples: Seq
             record.ours_peak_mib.append(peak.growth_mib)
             record.ours_phases.append(out.phases)
             record.ours_lengths.extend(out.lengths.tolist())
-            record.ours_prompt_tokens.append(out.prompt_tokens)
+            record.ours_prompt_lengths.append(out.prompt_lengths)
             record.ours_reward_means.append(np.nanmean(out.rewards.reshape(-1, out.rewards.shape[-1]), 0).tolist())
             print(f"step {step}: TRL {record.trl_seconds[-1]:.2f} s, ours {record.ours_seconds[-1]:.2f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
@@ -531,27 +532,33 @@ def make_interleaving_callback(our_step: OurStep, state_box: dict, examples: Seq
     return Interleave()
 
 
-def step_matmul_flops(size: ModelSize, settings: StepSettings, prompt_tokens: int) -> dict[str, float]:
-    """A lower bound on one RL step's FLOPs: the text decoder's and the unembedding's matmuls only (the vision
-    tower, norms, softmaxes, sampling and the optimizer are left out, so the bound only errs low).
+def step_matmul_flops(size: ModelSize, settings: StepSettings, prompt_lengths: Sequence[int]) -> dict[str, float]:
+    """A lower bound on one RL step's FLOPs: the text decoder's and the unembedding's matmuls only, on each
+    prompt's real tokens (no padding), causal attention counted as the triangle it is (the vision tower, norms,
+    softmaxes, sampling and the optimizer are left out, so the bound only errs low).
 
-    Sampling: prefill of P prompts of `prompt_tokens`, then rows x new_tokens decode tokens through every layer and
-    the [D, V] unembedding. Update: forward + backward (3x the forward's matmuls) over rows x (prompt + new) tokens,
-    with the unembedding on the completion columns only (what both stacks compute).
+    Sampling: each prompt's prefill (its last position's logits give the first token), then new_tokens - 1
+    decode steps per row, step j attending prompt + j keys. Update: forward + backward (3x the forward's
+    matmuls) over each row's prompt + new tokens, with the unembedding on the completion columns only (what
+    both stacks compute).
     """
     head_dim = size.hidden // size.heads
     d, heads, kv = size.hidden, size.heads * head_dim, size.kv_heads * head_dim
     per_token_layer = 2 * (d * heads + 2 * d * kv + heads * d + 3 * d * size.intermediate)
     unembed = 2 * d * QWEN_VOCAB
-    rows, new = settings.prompts * settings.group, settings.new_tokens
-    total = prompt_tokens + new
+    pair = 4 * heads * size.layers  # one query-key pair: scores and values, every layer
+    group, new = settings.group, settings.new_tokens
 
-    def attention(queries: int, keys: int) -> int:  # scores and values, every layer
-        return 4 * queries * keys * heads * size.layers
+    def causal(length: int) -> int:  # query-key pairs of a causal pass over `length` tokens
+        return length * (length + 1) // 2
 
-    sample = (settings.prompts * (prompt_tokens * size.layers * per_token_layer + attention(prompt_tokens, prompt_tokens))
-              + rows * new * (size.layers * per_token_layer + unembed) + rows * attention(new, total))
-    update = 3 * (rows * (total * size.layers * per_token_layer + attention(total, total)) + rows * new * unembed)
+    sample = update = 0
+    for prompt in prompt_lengths:
+        sample += prompt * size.layers * per_token_layer + pair * causal(prompt) + unembed
+        decode_keys = sum(prompt + j for j in range(1, new))
+        sample += group * ((new - 1) * (size.layers * per_token_layer + unembed) + pair * decode_keys)
+        total = prompt + new
+        update += 3 * group * (total * size.layers * per_token_layer + pair * causal(total) + new * unembed)
     return dict(sample=float(sample), update=float(update), total=float(sample + update))
 
 
@@ -646,12 +653,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trl_median, ours_median = statistics.median(trl_times), statistics.median(ours_times)
     phase_names = list(record.ours_phases[0])
     # The most any engine could gain over TRL here: the step's matmul FLOPs at this machine's matmul rate.
-    prompt_tokens = max(record.ours_prompt_tokens[measured])
-    flops = step_matmul_flops(size, settings, prompt_tokens)
-    rate = matmul_rate_gflops(settings.prompts * settings.group * (prompt_tokens + settings.new_tokens),
+    # The measured step with the fewest prompt tokens: the bound holds for every measured step.
+    prompt_lengths = min(record.ours_prompt_lengths[measured], key=sum)
+    flops = step_matmul_flops(size, settings, prompt_lengths)
+    rate = matmul_rate_gflops(settings.group * sum(p + settings.new_tokens for p in prompt_lengths),
                               size.hidden, size.intermediate)  # fmt: skip
     floor_s = flops["total"] / (rate["high"] * 1e9)
-    ceiling = dict(prompt_tokens=prompt_tokens, flops=flops, matmul_gflops=rate, floor_s=floor_s,
+    ceiling = dict(prompt_lengths=list(prompt_lengths), flops=flops, matmul_gflops=rate, floor_s=floor_s,
                    ceiling_vs_trl=trl_median / floor_s)  # fmt: skip
     return dict(
         model=dict(family="qwen2_5_vl", parameters=int(n_params), counts=counts, size=dataclasses.asdict(size), vocab=QWEN_VOCAB,
@@ -732,11 +740,12 @@ def render_markdown(r: dict, command: str) -> str:
         "Advantage parity: our c-GDPO on "
         f"TRL's own rewards differs from TRL's advantages by at most {r['advantage_parity_max_abs']:.1e}.",
         "",
-        f"**Ceiling: {c['ceiling_vs_trl']:.2f}x.** The step's text matmuls alone (prompt bucket {c['prompt_tokens']}; "
-        f"sampling {c['flops']['sample'] / 1e9:.1f} + update {c['flops']['update'] / 1e9:.1f} GFLOP, a lower bound: "
-        "vision, norms, softmaxes, sampling and the optimizer left out) take "
+        f"**Ceiling: {c['ceiling_vs_trl']:.2f}x.** The step's text matmuls alone (prompts of {c['prompt_lengths']} "
+        f"real tokens, no padding, causal attention as a triangle; sampling {c['flops']['sample'] / 1e9:.1f} + update "
+        f"{c['flops']['update'] / 1e9:.1f} GFLOP, a lower bound: vision, norms, softmaxes, sampling and the optimizer "
+        "left out) take "
         f"{c['floor_s']:.3f} s at the fastest rate this machine reached on the update's largest matmul in this run "
-        f"({_fmt_spread(c['matmul_gflops'], 1)} GFLOP/s, fp32 [{s['rows']}x(prompt+new) x {r['model']['size']['hidden']}]"
+        f"({_fmt_spread(c['matmul_gflops'], 1)} GFLOP/s, fp32 [G x (prompt+new) x {r['model']['size']['hidden']}]"
         f" x [{r['model']['size']['hidden']} x {r['model']['size']['intermediate']}]). So no engine could run this "
         f"step faster than TRL's median / {c['floor_s']:.3f} s = {c['ceiling_vs_trl']:.2f}x TRL on this machine.",
         "",

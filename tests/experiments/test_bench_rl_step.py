@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -118,15 +119,22 @@ def test_both_sides_start_from_the_same_network(bench, tokenizer, image_config, 
 
 
 def test_step_matmul_flops_by_hand(bench):
-    """One layer of hidden 8 (2 heads of 4, 1 KV head), MLP 16; P 1 x G 2, prompt 3 + 2 new tokens."""
+    """One layer of hidden 8 (2 heads of 4, 1 KV head), MLP 16; one prompt of 3 real tokens x G 2, 2 new tokens."""
     size = bench.ModelSize(hidden=8, intermediate=16, layers=1, heads=2, kv_heads=1)
     settings = bench.StepSettings(prompts=1, group=2, new_tokens=2, learning_rate=1e-5)
     per_token = 2 * (8 * 8 + 2 * 8 * 4 + 8 * 8 + 3 * 8 * 16)  # q, k and v, o, gate/up/down
     unembed = 2 * 8 * bench.QWEN_VOCAB
-    sample = 3 * per_token + 4 * 3 * 3 * 8 + 2 * 2 * (per_token + unembed) + 2 * 4 * 2 * 5 * 8
-    update = 3 * (2 * (5 * per_token + 4 * 5 * 5 * 8) + 2 * 2 * unembed)
-    flops = bench.step_matmul_flops(size, settings, prompt_tokens=3)
+    pair = 4 * 8  # scores + values over 2 heads of 4
+    # prefill: 3 tokens, 6 causal pairs, first-token logits; one decode step per row, attending 3 + 1 keys
+    sample = 3 * per_token + pair * 6 + unembed + 2 * (per_token + unembed + pair * 4)
+    # update: 2 rows of 5 tokens (15 causal pairs each), logits on the 2 completion columns, x3 for backward
+    update = 3 * 2 * (5 * per_token + pair * 15 + 2 * unembed)
+    flops = bench.step_matmul_flops(size, settings, prompt_lengths=(3,))
     assert flops == dict(sample=float(sample), update=float(update), total=float(sample + update))
+    # Linear in prompts: two prompts count as the sum of each alone.
+    two = bench.step_matmul_flops(size, dataclasses.replace(settings, prompts=2), prompt_lengths=(3, 7))
+    seven = bench.step_matmul_flops(size, settings, prompt_lengths=(7,))
+    assert two["total"] == flops["total"] + seven["total"]
 
 
 def test_command_line_rejects_settings_trl_cannot_run(bench):

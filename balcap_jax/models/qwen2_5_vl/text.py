@@ -223,7 +223,7 @@ class DecoderLayer(nnx.Module):
         )
 
     def __call__(self, x, cos, sin, mask, cache_kv=None, layer: Array | int = 0, write_slot=0):
-        """See `Attention.__call__`; returns ([B, T, D], cache_kv)."""
+        """See `Attention.__call__`; returns ([B, T, D], the updated cache_kv, or this token's (k, v) in decode)."""
         attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, layer, write_slot)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -282,7 +282,8 @@ class TextModel(nnx.Module):
         return rope_cos_sin(positions, inv_freq)
 
     def _layers(self, x, cos, sin, mask, cache_kv, write_slot):
-        """All layers, then the final norm. Returns (hidden, cache_kv).
+        """All layers, then the final norm. Returns (hidden, the updated cache_kv), or in decode (hidden, the new
+        (k, v)).
 
         Prefill: the whole stacked cache rides in the scan carry and each layer writes its own slice in place (no
         per-layer copies of the cache). Decode (`DecodeMask`): the cache is only read inside the scan, and the
