@@ -94,7 +94,7 @@ from balcap_jax.trainer.policy import Policy  # noqa: E402
 from balcap_jax import default_config  # noqa: E402
 from balcap_jax.metrics import PhaseTimer  # noqa: E402
 from balcap_jax.trainer import placement  # noqa: E402
-from experiments import common  # noqa: E402
+from experiments import bench_sampling, common  # noqa: E402
 
 RESULTS = common.RESULTS
 PeakRSS = common.PeakRSS
@@ -542,11 +542,12 @@ def step_matmul_flops(size: ModelSize, settings: StepSettings, prompt_lengths: S
     matmuls) over each row's prompt + new tokens, with the unembedding on the completion columns only (what
     both stacks compute).
     """
-    head_dim = size.hidden // size.heads
-    d, heads, kv = size.hidden, size.heads * head_dim, size.kv_heads * head_dim
-    per_token_layer = 2 * (d * heads + 2 * d * kv + heads * d + 3 * d * size.intermediate)
-    unembed = 2 * d * QWEN_VOCAB
-    pair = 4 * heads * size.layers  # one query-key pair: scores and values, every layer
+    shape = bench_sampling.DecodeShape(rows=1, hidden=size.hidden, heads=size.heads, kv_heads=size.kv_heads,
+                                       head_dim=size.hidden // size.heads, intermediate=size.intermediate,
+                                       layers=size.layers, vocab=QWEN_VOCAB)  # fmt: skip
+    per_token_layer = 2 * sum(a * b for a, b in shape.layer_matmuls())
+    unembed = 2 * shape.hidden * shape.vocab
+    pair = 4 * shape.heads * shape.head_dim * shape.layers  # one query-key pair: scores and values, every layer
     group, new = settings.group, settings.new_tokens
 
     def causal(length: int) -> int:  # query-key pairs of a causal pass over `length` tokens
@@ -560,22 +561,6 @@ def step_matmul_flops(size: ModelSize, settings: StepSettings, prompt_lengths: S
         total = prompt + new
         update += 3 * group * (total * size.layers * per_token_layer + pair * causal(total) + new * unembed)
     return dict(sample=float(sample), update=float(update), total=float(sample + update))
-
-
-def matmul_rate_gflops(rows: int, inner: int, outer: int, repeats: int = 5) -> dict:
-    """This machine's fp32 rate on the update's largest matmul shape, [rows x inner] x [inner x outer]: median and
-    min-max GFLOP/s over `repeats` timed calls after one warm-up."""
-    key = jax.random.key(0)
-    a = jax.random.normal(key, (rows, inner), jnp.float32)
-    b = jax.random.normal(jax.random.fold_in(key, 1), (inner, outer), jnp.float32)
-    product = jax.jit(lambda a, b: jnp.dot(a, b))
-    jax.block_until_ready(product(a, b))
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(product(a, b))
-        rates.append(2 * rows * inner * outer / (time.perf_counter() - start) / 1e9)
-    return common.Spread.of(rates).to_dict()
 
 
 def max_logit_gap(hf_model, our_model, config: Qwen2_5_VLConfig, processor, image) -> float:
@@ -656,8 +641,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The measured step with the fewest prompt tokens: the bound holds for every measured step.
     prompt_lengths = min(record.ours_prompt_lengths[measured], key=sum)
     flops = step_matmul_flops(size, settings, prompt_lengths)
-    rate = matmul_rate_gflops(settings.group * sum(p + settings.new_tokens for p in prompt_lengths),
-                              size.hidden, size.intermediate)  # fmt: skip
+    # This machine's fp32 rate on the update's largest matmul shape, [tokens x D] x [D x I].
+    rates = common.matmul_rates(settings.group * sum(p + settings.new_tokens for p in prompt_lengths),
+                                size.hidden, size.intermediate, jnp.float32, runs=5)  # fmt: skip
+    rate = common.Spread.of([r / 1e9 for r in rates]).to_dict()
     floor_s = flops["total"] / (rate["high"] * 1e9)
     ceiling = dict(prompt_lengths=list(prompt_lengths), flops=flops, matmul_gflops=rate, floor_s=floor_s,
                    ceiling_vs_trl=trl_median / floor_s)  # fmt: skip

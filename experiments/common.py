@@ -98,6 +98,19 @@ def interleaved(sides: Mapping[str, Callable[[], Any]], runs: int, warmup: int =
     return times
 
 
+def matmul_rates(rows: int, inner: int, outer: int, dtype: Any, runs: int) -> list[float]:
+    """FLOP/s of `runs` timed [rows x inner] x [inner x outer] matmuls in `dtype` on the default device, after
+    one untimed (compiling) call: this machine's matmul rate, for rooflines and ceilings."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = jnp.ones((rows, inner), dtype), jnp.ones((inner, outer), dtype)
+    product = jax.jit(lambda a, b: a @ b)
+    call = lambda: product(a, b).block_until_ready()  # noqa: E731
+    call()
+    return [2 * rows * inner * outer / t for t in interleaved({"matmul": call}, runs, warmup=0)["matmul"]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Spread:
     """Median and range of a set of measurements."""

@@ -81,15 +81,6 @@ def device_spec(device_kind: str) -> tuple[float, float] | None:
     return None
 
 
-def measured_matmul_flops(dtype: Any, size: int, runs: int = 3) -> float:
-    """Best FLOP/s of a square [size x size] x [size x size] matmul in `dtype`."""
-    a = jnp.ones((size, size), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = min(common.interleaved({"mm": lambda: f(a).block_until_ready()}, runs, warmup=0)["mm"])
-    return 2 * size**3 / best
-
-
 def update_flops(shape: bench_sampling.DecodeShape, rows: int, length: int, completion: int) -> int:
     """Model FLOPs of one RL update (forward + backward) on `rows` sequences of `length` tokens (module doc)."""
     per_layer = sum(a * b for a, b in shape.layer_matmuls())
@@ -149,7 +140,8 @@ def run(sizes: Sizes, seed: int = 0) -> dict[str, Any]:
     if spec is not None:
         peak_flops, bandwidth, peak_source = spec[0], spec[1], f"datasheet ({device.device_kind})"
     else:
-        peak_flops = measured_matmul_flops(jnp.dtype(dtype_name), 1024 if sizes.preset == "tiny" else 4096)
+        square = 1024 if sizes.preset == "tiny" else 4096  # best of a square matmul
+        peak_flops = max(common.matmul_rates(square, square, square, jnp.dtype(dtype_name), runs=3))
         bandwidth = bench_sampling.measure_bandwidth_gbs(2**26 if sizes.preset == "tiny" else 2**30) * 1e9
         peak_source = "measured (square matmul, copy bandwidth)"
     roof_ms = (hbm["weight_bytes"] + hbm["kv_bytes"]) / bandwidth * 1e3

@@ -413,8 +413,9 @@ def decode_attention(
         v = jnp.where(valid[:, 0, 0, :, None, None], v, jnp.zeros((), v.dtype))
         return logits, valid, v
 
+    # The loops' initial running max, sum and weighted values: empty, or opened by the current token.
     stats = jnp.full((batch, kv_heads, groups), lowest, jnp.float32)
-    zeros = jnp.zeros((batch, kv_heads, groups), jnp.float32)
+    sum0 = jnp.zeros((batch, kv_heads, groups), jnp.float32)
     acc0 = jnp.zeros((batch, kv_heads, groups, head_dim), jnp.float32)
     if current is not None:
         k_now, v_now = (x.reshape(batch, kv_heads, head_dim).astype(q.dtype) for x in current)
@@ -427,13 +428,13 @@ def decode_attention(
 
         row_max = jax.lax.fori_loop(0, trips, max_step, stats)
         if current is not None:
-            zeros = jnp.exp(logit_now - row_max)
+            sum0 = jnp.exp(logit_now - row_max)
 
         def sum_step(i, total):
             logits, valid, _ = read_block(i, False)
             return total + jnp.sum(jnp.where(valid, jnp.exp(logits - row_max[..., None]), 0.0), axis=-1)
 
-        total = jax.lax.fori_loop(0, trips, sum_step, zeros)
+        total = jax.lax.fori_loop(0, trips, sum_step, sum0)
         if current is not None:
             weight_now = (jnp.exp(logit_now - row_max) / total).astype(v_now.dtype)
             acc0 = jnp.einsum("bkg,bkd->bkgd", weight_now, v_now, preferred_element_type=jnp.float32)
@@ -446,7 +447,7 @@ def decode_attention(
         out = jax.lax.fori_loop(0, trips, value_step, acc0)
     else:
         if current is not None:  # the current token opens the running softmax: weight exp(0) = 1
-            zeros = jnp.ones_like(zeros)
+            sum0 = jnp.ones_like(sum0)
             acc0 = jnp.broadcast_to(v_now[:, :, None].astype(jnp.float32), acc0.shape)
 
         def online_step(i, carry):
@@ -461,7 +462,7 @@ def decode_attention(
             )
             return new_max, running_sum, acc
 
-        _, total, acc = jax.lax.fori_loop(0, trips, online_step, (stats, zeros, acc0))
+        _, total, acc = jax.lax.fori_loop(0, trips, online_step, (stats, sum0, acc0))
         # A row with no valid key (never the case in decoding: the new token is valid) gives zeros, not NaN.
         out = acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]
     return out.reshape(batch, 1, heads, head_dim).astype(q.dtype)

@@ -22,6 +22,12 @@ def test_interleaved_rejects_empty_or_negative_settings():
         common.interleaved({}, runs=1)
 
 
+def test_matmul_rates_time_each_call_of_the_given_shape():
+    """One finite, positive FLOP/s per timed call (the compiling call is not among them)."""
+    rates = common.matmul_rates(64, 32, 48, np.float32, runs=3)
+    assert len(rates) == 3 and all(np.isfinite(r) and r > 0 for r in rates)
+
+
 def test_spread_and_paired_ratios():
     spread = common.Spread.of([3.0, 1.0, 2.0, 10.0])
     assert (spread.median, spread.low, spread.high, spread.count) == (2.5, 1.0, 10.0, 4)
