@@ -42,9 +42,8 @@ both sides is the same pure function: fixed-seed uniform random numbers, one per
     has no policy family), with text-only prompts, whose M-RoPE positions are equal on all three axes (=1-D
     RoPE). Advantage kind "grpo" (ddof 1, eps 1e-6, as tunix's), token-mean loss, AdamW with weight decay 0 and
     no clipping (= Adam), timed from the strings to the updated parameters (`jax.block_until_ready`).
-  The qwen2_5_vl family's vision-input hook refuses a batch without any image ("grid_thw is empty"), so the
-  step runs with `text_only_family`: the same family whose hook gives no vision inputs for an image-less batch
-  (the sampler and `build_training_batch` already run such prompts as text only; the tower never runs).
+  The family's vision-input hook gives no vision inputs for a batch without any image, so the sampler and
+  `build_training_batch` run the prompts as text only (the tower never runs).
   Asymmetries left: our model carries a 1-block, 64-wide vision tower whose parameters (~0.1M, zero
   gradients) ride along in the Adam update, and our sampler suppresses the three image ids; ours prefills each
   prompt once and tiles the cache G times, tunix samples P x G rows; tunix's `train` call sets up its data
@@ -214,19 +213,6 @@ def text_prompt_batch(tokenizer: Any, prompts: Sequence[str], bucket: int, pad_i
                 metadata=[{} for _ in prompts])  # fmt: skip
 
 
-def text_only_family(family: Any) -> Any:
-    """`family` whose vision-input hook gives no vision inputs (None) for a batch without any image, and the
-    family's own inputs otherwise. The qwen2_5_vl hook refuses an image-less batch ("grid_thw is empty");
-    the sampler and `build_training_batch` already run prompts without "vision" as text only."""
-
-    def vision_inputs(model_config: Any, batch: Mapping[str, Any], repeats: int, shards: int) -> Any:
-        if len(batch.get("image_grid_thw", ())) == 0:
-            return None
-        return family.vision_inputs(model_config, batch, repeats, shards)
-
-    return dataclasses.replace(family, vision_inputs=vision_inputs)
-
-
 def check_lengths(lengths: Mapping[str, Sequence[int]], new_tokens: int) -> None:
     """Equal work: every row of every measured call of each side generated exactly `new_tokens` tokens."""
     bad = {k: sorted(set(int(x) for x in v)) for k, v in lengths.items() if set(int(x) for x in v) != {new_tokens}}
@@ -361,7 +347,7 @@ def build_our_grpo(shape: Shape, s: StepSettings, tokenizer: Any) -> tuple[Calla
             return [ComponentScore(v) for v in draw(len(items))]
 
     config = our_grpo_config(s)
-    family = text_only_family(registry.get("qwen2_5_vl"))
+    family = registry.get("qwen2_5_vl")
     model_config = Qwen2_5_VLConfig.from_hf(shape.ours_policy())
     model = nnx.jit(lambda: family.model_class(model_config, rngs=nnx.Rngs(s.seed), dtype=jnp.float32,
                                                param_dtype=jnp.float32))()  # fmt: skip
@@ -531,7 +517,7 @@ def render_markdown(r: dict, command: str) -> str:
                  "token-mean loss, optax.adam"],
                 ["balcap_jax `RLStep` (production step, `qwen2_5_vl` family, text-only prompts)",
                  fmt(_spread(r["grpo_seconds"]["ours"])), f"{first['ours']:.3f}",
-                 "prefill once per prompt, cache tiled G times; text-only batch (`text_only_family`: the vision "
+                 "prefill once per prompt, cache tiled G times; text-only batch (no vision inputs: the vision "
                  "tower never runs); `grpo` advantages, token-mean loss, AdamW (decay 0, no clip)"]]  # fmt: skip
         lines += [
             "## One GRPO step (sample, rewards, advantages, one Adam update)",

@@ -32,6 +32,7 @@ class ModelFamily:
     # (model_config, batch) -> int[P]: how many consecutive images of the batch each prompt owns.
     images_per_prompt: Callable[[Any, Mapping[str, Any]], np.ndarray]
     # (model_config, batch, repeats, shards) -> this process's vision inputs in `shards` blocks of rows, each
-    # prompt's rows `repeats` copies (prompt-major); padded sizes agreed over processes.
-    vision_inputs: Callable[[Any, Mapping[str, Any], int, int], dict[str, np.ndarray]]
+    # prompt's rows `repeats` copies (prompt-major); padded sizes agreed over processes. None for a batch with
+    # no image on any process (text only; the family may refuse such batches instead).
+    vision_inputs: Callable[[Any, Mapping[str, Any], int, int], dict[str, np.ndarray] | None]
     blocked_ids: Callable[[Any], tuple[int, ...]]  # (model_config) -> token ids a caption must never sample

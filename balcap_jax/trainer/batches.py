@@ -48,7 +48,7 @@ class PolicyPromptProcessor:
 
 
 def vision_inputs(policy: Policy, batch: Mapping[str, Any], *, repeats: int = 1, mesh: Any = None,
-                  micro_batches: int = 1) -> dict[str, np.ndarray]:
+                  micro_batches: int = 1) -> dict[str, np.ndarray] | None:
     """The vision inputs of this process's rows (each prompt's `repeats` copies, prompt-major), laid out in one
     block per batch shard of `mesh` and micro-batch (`hosts.row_blocks`; one block without a mesh), so each
     device encodes only its own rows' images (each family's `vision_inputs`, `models/<family>/family.py`)."""

@@ -111,17 +111,6 @@ def test_text_prompt_batch_rejects_a_prompt_longer_than_the_bucket():
         bench_vs_tunix.text_prompt_batch(_Tokenizer(), ["a b c"], bucket=2, pad_id=0)
 
 
-def test_text_only_family_skips_vision_only_for_batches_without_images():
-    from balcap_jax.models import registry
-
-    calls = []
-    inner = dataclasses.replace(registry.get("qwen2_5_vl"), vision_inputs=lambda *a: calls.append(a) or "vision")
-    family = bench_vs_tunix.text_only_family(inner)
-    assert family.vision_inputs(None, {"image_grid_thw": np.zeros((0, 3))}, 4, 1) is None and not calls
-    assert family.vision_inputs(None, {"image_grid_thw": np.ones((1, 3))}, 4, 1) == "vision" and len(calls) == 1
-    assert family.name == inner.name and family.blocked_ids is inner.blocked_ids
-
-
 def test_check_lengths_demands_exactly_the_new_token_count_on_every_row():
     bench_vs_tunix.check_lengths({"tunix": [4, 4], "ours": [4]}, 4)
     with pytest.raises(RuntimeError, match=r"'ours': \[3, 4\]"):
@@ -197,3 +186,16 @@ def test_one_tiny_round_of_the_grpo_race(tmp_path, capsys):
     assert result["grpo_step_ratio"]["median"] == pytest.approx(ratio)
     assert "tunix_grpo_step_ratio" in (tmp_path / "tiny.md").read_text()
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"tunix_grpo_step_ratio={ratio:.3f}"
+
+
+def test_our_grpo_step_runs_text_only_prompts_on_the_registered_family():
+    """The production RLStep on the plain qwen2_5_vl family with image-less prompts (its vision hook gives no
+    vision inputs), in the main venv: every row generates the requested tokens."""
+    from balcap_jax.models.qwen2_5_vl.processor import load_tokenizer
+
+    args = bench_vs_tunix.parse_args(TINY)
+    settings = bench_vs_tunix.StepSettings(args.prompts, args.group, args.new_tokens, args.lr, args.seed)
+    step, manager = bench_vs_tunix.build_our_grpo(bench_vs_tunix.shape_of(args), settings, load_tokenizer())
+    with manager:
+        lengths = step()
+    assert lengths == [args.new_tokens] * (args.prompts * args.group)

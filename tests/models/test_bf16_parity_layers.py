@@ -126,7 +126,13 @@ def test_attention_scores_round_like_hf_eager(head_dim):
         expected = torch.matmul(q_t.transpose(1, 2), k_t.transpose(1, 2).transpose(2, 3)) * head_dim**-0.5
     got = torch_like_jit(lambda q, k: attention.attention_scores("bqhd,bkhd->bhqk", q, k, head_dim**-0.5))(q, k)
     assert got.dtype == jnp.float32
-    np.testing.assert_array_equal(_np(got), _np(expected))
+    got, expected = _np(got), _np(expected)
+    # A CPU with AVX512-BF16 lets torch sum bf16 products in its own order, which can move a nearly cancelling
+    # dot product by one bf16 ulp; rounding in the wrong place (the scale folded into q) moves half of them.
+    differ = got != expected
+    one_ulp = np.ldexp(1.0, np.frexp(expected)[1] - 8)
+    assert (np.abs(got - expected)[differ] <= one_ulp[differ]).all()
+    assert differ.mean() <= 1e-3, f"{differ.mean():.2%} of the scores round differently from HF eager"
 
 
 def test_gqa_attention_with_padding_matches_hf_eager_in_bf16():

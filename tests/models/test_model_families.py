@@ -130,3 +130,53 @@ def test_a_caption_processor_for_every_family():
     with pytest.raises(ValueError, match=r"model family 'gpt'; known: \['llava', 'qwen2_5_vl'\]"):
         caption_processors.caption_processor("gpt", tokenizer=None, model_config=None, image_config=None,
                                              instruction="")
+
+
+def _qwen_batch(rng: np.random.Generator, config, grids: list[tuple[int, int, int]], prompts: int = 2) -> dict:
+    """`prompts` rows of 5 random tokens, row i followed by the placeholder run of image `grids[i]` if any."""
+    rows = [np.concatenate([fx.random_text_ids(rng, 5), fx.image_placeholder(g) if i < len(grids) else []])
+            for i, g in enumerate([*grids, *[None] * (prompts - len(grids))])]
+    ids = np.zeros((prompts, max(len(r) for r in rows)), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    mask = np.arange(ids.shape[1])[None] < np.asarray([len(r) for r in rows])[:, None]
+    return {"input_ids": ids, "attention_mask": mask,
+            "image_grid_thw": np.asarray(grids, np.int64).reshape(-1, 3),
+            "pixel_values": fx.random_pixel_values(rng, grids, config.vision.patch_dim)}
+
+
+def _qwen_config():
+    from balcap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig.from_hf(fx.tiny_qwen_config_dict())
+
+
+def test_qwen_vision_inputs_are_none_for_a_batch_without_any_image():
+    """A text-only batch (no image anywhere) runs without the tower: the hook gives None, with or without the
+    image keys, and agrees that over processes (one agree_max call, like a process that has images)."""
+    family, config, rng = registry.get("qwen2_5_vl"), _qwen_config(), np.random.default_rng(0)
+    batch = _qwen_batch(rng, config, [])
+    assert batch["image_grid_thw"].shape == (0, 3)
+    assert family.vision_inputs(config, batch, 4, 2) is None
+    text_only = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    assert family.vision_inputs(config, text_only, 4, 1) is None
+    np.testing.assert_array_equal(family.images_per_prompt(config, batch), [0, 0])
+
+
+def test_a_process_without_images_builds_padding_blocks_of_the_agreed_bucket(monkeypatch):
+    """Two processes, one with images and one without: the image-less one must build the same shapes (all
+    padding, no valid token, zero images per block), because the vision program is one SPMD program."""
+    from balcap_jax.parallel import hosts
+
+    family, config, rng = registry.get("qwen2_5_vl"), _qwen_config(), np.random.default_rng(1)
+    with_images = family.vision_inputs(config, _qwen_batch(rng, config, [(1, 8, 8), (1, 4, 8)]), 2, 2)
+    assert with_images is not None
+    # The other process's values reach this one through agree_max: more than zero images, its fullest block.
+    fullest = int(with_images["patches"].shape[1])
+    agreed = iter([2, fullest])
+    monkeypatch.setattr(hosts, "agree_max", lambda value: max(value, next(agreed)))
+    empty = family.vision_inputs(config, _qwen_batch(rng, config, []), 2, 2)
+    assert {k: v.shape for k, v in empty.items()} == {k: v.shape for k, v in with_images.items()}
+    np.testing.assert_array_equal(empty[image_shards.IMAGES_PER_SHARD], [0, 0])
+    assert not empty["token_valid"].any() and not empty["patches"].any()
+    np.testing.assert_array_equal(with_images[image_shards.IMAGES_PER_SHARD], [1, 1])

@@ -78,7 +78,9 @@ def test_pathological_inputs_are_bounded_in_time(text, recursion_limit):
         start = time.perf_counter()
         with pytest.raises(JudgeOutputError):
             parse_judge_json(text, SCORES)
-        assert time.perf_counter() - start < 1.0
+        # ~0.02 s alone; the bound leaves room for a loaded 2-core machine (1.8 s seen in the full suite) and
+        # still catches a quadratic scan of 100k characters, which takes minutes.
+        assert time.perf_counter() - start < 5.0
     finally:
         sys.setrecursionlimit(previous)
 

@@ -41,16 +41,27 @@ def images_per_prompt(model_config: Qwen2_5_VLConfig, batch: Mapping[str, Any]) 
     )
 
 
+def batch_grid_thw(batch: Mapping[str, Any]) -> np.ndarray:
+    """int[n_images, 3]: the batch's image grids; [0, 3] for a batch without images (no key, or empty)."""
+    grid = np.asarray(batch.get("image_grid_thw", np.zeros((0, 3), np.int64)))
+    return grid.reshape(0, 3) if grid.size == 0 else grid
+
+
 def vision_inputs(model_config: Qwen2_5_VLConfig, batch: Mapping[str, Any], repeats: int,
-                  shards: int) -> dict[str, np.ndarray]:
+                  shards: int) -> dict[str, np.ndarray] | None:
     """This process's rows' images in `shards` blocks of the batch's rows, each prompt's rows `repeats` copies
-    (prompt-major); the patch bucket is agreed over processes, so every process builds the same shapes."""
-    per_prompt = images_per_prompt(model_config, batch)
+    (prompt-major); the patch bucket is agreed over processes, so every process builds the same shapes.
+
+    None when no process's rows hold an image (a text-only batch: the tower does not run). Whether any image
+    exists is agreed first, so a process without images builds all-padding blocks when another has some."""
+    vision, grid = model_config.vision, batch_grid_thw(batch)
+    if hosts.agree_max(len(grid)) == 0:
+        return None
+    per_prompt = images_per_prompt(model_config, {**batch, "image_grid_thw": grid})
     plan = image_shards.plan_row_shards(len(per_prompt), repeats, shards)
-    vision, grid = model_config.vision, np.asarray(batch["image_grid_thw"])
     fullest = hosts.agree_max(fullest_shard_patches(grid, vision, plan=plan, images_per_prompt=per_prompt))
     return prepare_sharded_vision_inputs(
-        np.asarray(batch["pixel_values"]), grid, vision, plan=plan, images_per_prompt=per_prompt,
+        np.asarray(batch.get("pixel_values", np.zeros((0, vision.patch_dim), np.float32))), grid, vision, plan=plan, images_per_prompt=per_prompt,
         min_patches=fullest,
     )
 

@@ -51,9 +51,14 @@ class WindowLayout:
     window_lengths: np.ndarray
 
 
-def validate_grid_thw(grid_thw: np.ndarray, spatial_merge_size: int) -> np.ndarray:
-    """Checks `grid_thw` int[n_images, 3] (frames, patch rows, patch columns) and returns it as int64."""
+def validate_grid_thw(grid_thw: np.ndarray, spatial_merge_size: int, *, allow_empty: bool = False) -> np.ndarray:
+    """Checks `grid_thw` int[n_images, 3] (frames, patch rows, patch columns) and returns it as int64.
+
+    `allow_empty`: accept n_images = 0 (a process whose rows hold no image while another's do: its blocks are all
+    padding); the per-image functions keep refusing it."""
     grid = np.asarray(grid_thw)
+    if grid.size == 0 and allow_empty:
+        return np.zeros((0, 3), np.int64)
     if grid.ndim != 2 or grid.shape[1] != 3:
         raise ValueError(f"grid_thw must have shape [n_images, 3] (t, h, w); got {grid.shape}")
     if grid.shape[0] == 0:
@@ -247,7 +252,9 @@ def images_per_prompt_from_tokens(
         is_image &= np.asarray(attention_mask).astype(bool)
     per_row = is_image.sum(axis=1)
     row_ends = np.cumsum(per_row)
-    image_ends = np.concatenate([[0], np.cumsum(num_image_tokens(grid_thw, spatial_merge_size))])
+    grid = validate_grid_thw(grid_thw, spatial_merge_size, allow_empty=True)
+    tokens_per_image = num_image_tokens(grid, spatial_merge_size) if grid.size else np.zeros((0,), np.int64)
+    image_ends = np.concatenate([[0], np.cumsum(tokens_per_image)]).astype(np.int64)
     # Each row must end exactly where some image ends, and the last row where the last image ends.
     last_image = np.searchsorted(image_ends, row_ends)
     inside = last_image < image_ends.size
@@ -405,7 +412,7 @@ def fullest_shard_patches(grid_thw: np.ndarray, config: VisionConfig, *, plan: S
                           images_per_prompt: Sequence[int] | np.ndarray | None = None) -> int:
     """The patch count of the fullest block of `plan`: what every block's bucket must hold (agree it over
     processes before `prepare_sharded_vision_inputs`)."""
-    grid = validate_grid_thw(grid_thw, config.spatial_merge_size)
+    grid = validate_grid_thw(grid_thw, config.spatial_merge_size, allow_empty=True)
     spans = _shard_image_spans(validate_images_per_prompt(images_per_prompt, len(grid)), np.prod(grid, axis=1), plan)
     return max((p1 - p0 for _, _, p0, p1 in spans), default=0)
 
@@ -429,7 +436,7 @@ def prepare_sharded_vision_inputs(
     `image_shards.IMAGES_PER_SHARD` int32[K] counts each block's images; `VisionTower` returns [K, M, D] with
     M = (most rows of one prompt in any block) * bucket / merge².
     """
-    grid = validate_grid_thw(grid_thw, config.spatial_merge_size)
+    grid = validate_grid_thw(grid_thw, config.spatial_merge_size, allow_empty=True)
     per_prompt = validate_images_per_prompt(images_per_prompt, len(grid))
     patches_per_image = np.prod(grid, axis=1)
     pixel_values = np.asarray(pixel_values)
