@@ -24,6 +24,7 @@ from balcap_jax.models.qwen2_5_vl.vision_host import (
     fullest_shard_patches,
     images_per_prompt_from_tokens,
     prepare_sharded_vision_inputs,
+    validate_grid_thw,
 )
 from balcap_jax.parallel import hosts
 
@@ -36,15 +37,9 @@ def images_per_prompt(model_config: Qwen2_5_VLConfig, batch: Mapping[str, Any]) 
     c = model_config
     return images_per_prompt_from_tokens(
         np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"], bool),
-        np.asarray(batch["image_grid_thw"]), image_token_id=int(c.image_token_id),
+        batch.get("image_grid_thw", ()), image_token_id=int(c.image_token_id),
         spatial_merge_size=int(c.vision.spatial_merge_size),
     )
-
-
-def batch_grid_thw(batch: Mapping[str, Any]) -> np.ndarray:
-    """int[n_images, 3]: the batch's image grids; [0, 3] for a batch without images (no key, or empty)."""
-    grid = np.asarray(batch.get("image_grid_thw", np.zeros((0, 3), np.int64)))
-    return grid.reshape(0, 3) if grid.size == 0 else grid
 
 
 def vision_inputs(model_config: Qwen2_5_VLConfig, batch: Mapping[str, Any], repeats: int,
@@ -54,14 +49,15 @@ def vision_inputs(model_config: Qwen2_5_VLConfig, batch: Mapping[str, Any], repe
 
     None when no process's rows hold an image (a text-only batch: the tower does not run). Whether any image
     exists is agreed first, so a process without images builds all-padding blocks when another has some."""
-    vision, grid = model_config.vision, batch_grid_thw(batch)
+    vision = model_config.vision
+    grid = validate_grid_thw(batch.get("image_grid_thw", ()), vision.spatial_merge_size, allow_empty=True)
     if hosts.agree_max(len(grid)) == 0:
         return None
-    per_prompt = images_per_prompt(model_config, {**batch, "image_grid_thw": grid})
+    per_prompt = images_per_prompt(model_config, batch)
     plan = image_shards.plan_row_shards(len(per_prompt), repeats, shards)
     fullest = hosts.agree_max(fullest_shard_patches(grid, vision, plan=plan, images_per_prompt=per_prompt))
     return prepare_sharded_vision_inputs(
-        np.asarray(batch.get("pixel_values", np.zeros((0, vision.patch_dim), np.float32))), grid, vision, plan=plan, images_per_prompt=per_prompt,
+        np.asarray(batch.get("pixel_values", ())), grid, vision, plan=plan, images_per_prompt=per_prompt,
         min_patches=fullest,
     )
 

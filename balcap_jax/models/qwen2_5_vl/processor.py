@@ -319,7 +319,7 @@ def check_image_token_count(
     ids = ids[None] if ids.ndim == 1 else ids
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [B, T] or [T]; got shape {ids.shape}")
-    per_image = num_image_tokens(grid_thw, merge_size) if len(grid_thw) else np.zeros((0,), np.int64)
+    per_image = num_image_tokens(grid_thw, merge_size)
     found = (ids == image_token_id).sum(axis=1)
     if int(found.sum()) != int(per_image.sum()):
         raise ValueError(

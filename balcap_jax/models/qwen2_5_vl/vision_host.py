@@ -54,10 +54,11 @@ class WindowLayout:
 def validate_grid_thw(grid_thw: np.ndarray, spatial_merge_size: int, *, allow_empty: bool = False) -> np.ndarray:
     """Checks `grid_thw` int[n_images, 3] (frames, patch rows, patch columns) and returns it as int64.
 
-    `allow_empty`: accept n_images = 0 (a process whose rows hold no image while another's do: its blocks are all
-    padding); the per-image functions keep refusing it."""
+    `allow_empty`: accept no image (shape [0, 3], or an empty sequence), for the functions that count or lay out
+    blocks (a process whose rows hold no image while another's do builds all-padding blocks); the functions that
+    encode images keep refusing it."""
     grid = np.asarray(grid_thw)
-    if grid.size == 0 and allow_empty:
+    if allow_empty and grid.shape in ((0,), (0, 3)):
         return np.zeros((0, 3), np.int64)
     if grid.ndim != 2 or grid.shape[1] != 3:
         raise ValueError(f"grid_thw must have shape [n_images, 3] (t, h, w); got {grid.shape}")
@@ -252,9 +253,7 @@ def images_per_prompt_from_tokens(
         is_image &= np.asarray(attention_mask).astype(bool)
     per_row = is_image.sum(axis=1)
     row_ends = np.cumsum(per_row)
-    grid = validate_grid_thw(grid_thw, spatial_merge_size, allow_empty=True)
-    tokens_per_image = num_image_tokens(grid, spatial_merge_size) if grid.size else np.zeros((0,), np.int64)
-    image_ends = np.concatenate([[0], np.cumsum(tokens_per_image)]).astype(np.int64)
+    image_ends = np.concatenate([[0], np.cumsum(num_image_tokens(grid_thw, spatial_merge_size))])
     # Each row must end exactly where some image ends, and the last row where the last image ends.
     last_image = np.searchsorted(image_ends, row_ends)
     inside = last_image < image_ends.size
@@ -468,6 +467,6 @@ def prepare_sharded_vision_inputs(
 
 
 def num_image_tokens(grid_thw: np.ndarray, spatial_merge_size: int) -> np.ndarray:
-    """Language-model tokens per image: t*h*w / merge². int64[n_images]."""
-    grid = validate_grid_thw(grid_thw, spatial_merge_size)
+    """Language-model tokens per image: t*h*w / merge². int64[n_images] (empty for no image)."""
+    grid = validate_grid_thw(grid_thw, spatial_merge_size, allow_empty=True)
     return np.prod(grid, axis=1) // (spatial_merge_size**2)
